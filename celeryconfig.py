@@ -1,0 +1,47 @@
+"""Celery's settings, flat and with Celery's names, read from the environment.
+
+The shutdown, delivery and memory policy of the fleet is written here as data; README's
+"Shutdown" section explains each line.
+"""
+
+from __future__ import annotations
+
+import os
+
+from workers.settings import Settings
+
+_settings = Settings.from_env()
+
+include = ["tasks.jobs"]
+
+broker_url = _settings.redis_url
+result_backend = _settings.result_backend
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # wait for Redis with backoff instead of exiting
+
+# JSON only: pickle would let any producer run code in the worker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# Delivery: ack after the operation, so a job interrupted by shutdown or a dead child is
+# delivered again; prefetch one so a stopping worker holds as few jobs as possible.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_track_started = True
+result_extended = True
+result_expires = 7 * 24 * 3600
+
+# Redis redelivers a message that was taken but never acked after this many seconds
+# (a worker that vanished without returning it). Longer than the longest operation.
+broker_transport_options = {
+    "visibility_timeout": int(os.environ.get("REPOINDEX_VISIBILITY_TIMEOUT", "3600")),
+}
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+
+worker_concurrency = int(os.environ.get("REPOINDEX_CONCURRENCY", "0")) or None
+worker_hijack_root_logger = False
+worker_send_task_events = True
+task_send_sent_event = True

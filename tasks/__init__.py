@@ -1,0 +1,1 @@
+"""The work of repoindex: reading git, classifying, storing, searching, and the CLI."""

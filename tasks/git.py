@@ -1,0 +1,200 @@
+"""Reading a repository with plain git subprocesses, each tracked by the operation's scope.
+
+GitPython is not used: it leaks ``git cat-file`` processes and fds when exceptions keep
+frames alive. Here every process is started through ``ResourceManager.popen`` (so it is
+terminated, killed and reaped whatever happens), has a deadline enforced by a watchdog
+thread of the same scope, and runs with prompts, hooks, system/global config and
+dangerous transports disabled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.errors import SourceError
+from workers.resources import ResourceManager
+from workers.scrub import scrub
+
+SAFE_CONFIG = (
+    "core.hooksPath=/dev/null",
+    "protocol.allow=never", "protocol.https.allow=always", "protocol.ssh.allow=always",
+    "protocol.git.allow=always", "protocol.file.allow=always",
+    # bound git's own memory: mmap window and delta cache (issue: memory)
+    "core.packedGitLimit=128m", "core.packedGitWindowSize=16m", "core.deltaBaseCacheLimit=32m",
+    "credential.helper=", "core.fsmonitor=false", "uploadpack.allowFilter=false",
+)
+MODE_SYMLINK = 0o120000
+MODE_SUBMODULE = 0o160000
+
+
+def git_env(ceiling: Path | None = None) -> dict[str, str]:
+    """The environment of every git process: no inherited GIT_*, no prompts, no config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "SSH_ASKPASS"))}
+    env.update({
+        "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false", "SSH_ASKPASS": "/bin/false",
+        "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=30",
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_ALLOW_PROTOCOL": "https:ssh:git:file", "GIT_PROTOCOL_FROM_USER": "0",
+        "LC_ALL": "C",
+    })
+    if ceiling is not None:
+        env["GIT_CEILING_DIRECTORIES"] = str(ceiling)
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    mode: int
+    sha: str
+    size: int | None  # None for submodules
+    path: bytes
+
+
+class Git:
+    """A git repository read through subprocesses owned by one resource scope."""
+
+    def __init__(self, rm: ResourceManager, git_dir: Path, timeout: float) -> None:
+        self.rm = rm
+        self.git_dir = git_dir
+        self.timeout = timeout
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    def open_local(cls, rm: ResourceManager, path: Path, timeout: float) -> Git:
+        """The repository at ``path`` itself (never a parent's: the ceiling stops discovery)."""
+        out = run(rm, ["git", "-C", str(path), "rev-parse", "--absolute-git-dir"], timeout,
+                  env=git_env(ceiling=path.parent), what=f"open {path}")
+        return cls(rm, Path(out.decode().strip()), timeout)
+
+    @classmethod
+    def clone(cls, rm: ResourceManager, url: str, timeout: float) -> Git:
+        """A bare clone of ``url`` into the scope's temp area."""
+        target = rm.temp_path("clone.git")
+        run(rm, ["git", *_config_args(), "clone", "--bare", "--quiet", "--no-tags", "--",
+                 url, str(target)], timeout, env=git_env(), what=f"clone {scrub(url)}")
+        return cls(rm, target, timeout)
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _argv(self, *args: str) -> list[str]:
+        return ["git", f"--git-dir={self.git_dir}", *_config_args(), *args]
+
+    def resolve(self, ref: str) -> str:
+        """The commit id ``ref`` names, or SourceError."""
+        try:
+            out = run(self.rm, self._argv("rev-parse", "--verify", "--quiet", "--end-of-options",
+                                          f"{ref}^{{commit}}"), self.timeout, env=git_env(),
+                      what="rev-parse")
+        except SourceError:
+            raise SourceError(f"unknown ref {ref!r}") from None
+        return out.decode().strip()
+
+    @contextmanager
+    def _start(self, *args: str, stdin: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+        """A streaming git process with a watchdog; both released when the block ends."""
+        proc = self.rm.popen(self._argv(*args), stdin=subprocess.PIPE if stdin else None,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=git_env())
+        try:
+            watchdog = self.rm.start_thread(lambda stop: _watchdog(stop, proc, self.timeout),
+                                            name=f"git-watchdog-{proc.pid}")
+            try:
+                yield proc
+            finally:
+                self.rm.release(watchdog)
+        finally:
+            self.rm.release(proc)
+
+    def ls_tree(self, commit: str) -> Iterator[TreeEntry]:
+        """Every path git tracks at ``commit``, streamed."""
+        with self._start("ls-tree", "-r", "-z", "-l", "--full-tree", commit) as proc:
+            assert proc.stdout is not None
+            rest = b""
+            while chunk := proc.stdout.read(1 << 16):
+                records = (rest + chunk).split(b"\0")
+                rest = records.pop()
+                for record in records:
+                    yield _parse_tree_record(record)
+            _finish(proc, "ls-tree")
+
+    def read_blobs(self, shas: Iterable[str], window: int = 128) -> Iterator[tuple[str, bytes]]:
+        """Contents of ``shas``, in order, through one ``git cat-file --batch``.
+
+        At most ``window`` requests are outstanding, so our writes to git's stdin never
+        block while git waits for us to read its stdout (no deadlock, no feeder thread).
+        """
+        with self._start("cat-file", "--batch", stdin=True) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            out, pending, todo = proc.stdout, deque[str](), iter(shas)
+            self._request(proc, pending, todo, window)
+            while pending:
+                header = out.readline().split()
+                if len(header) != 3:
+                    if not header:
+                        _finish(proc, "cat-file")
+                    raise SourceError(f"git cat-file: object {pending[0]} is missing")
+                data = out.read(int(header[2]))
+                out.read(1)
+                yield pending.popleft(), data
+                if len(pending) <= window // 2:
+                    self._request(proc, pending, todo, window)
+            proc.stdin.close()
+            _finish(proc, "cat-file")
+
+    @staticmethod
+    def _request(proc: subprocess.Popen[bytes], pending: deque[str], todo: Iterator[str],
+                 window: int) -> None:
+        batch = []
+        while len(pending) < window and (sha := next(todo, None)) is not None:
+            pending.append(sha)
+            batch.append(sha)
+        if batch:
+            assert proc.stdin is not None
+            proc.stdin.write(("\n".join(batch) + "\n").encode())
+            proc.stdin.flush()
+
+
+def _config_args() -> list[str]:
+    return [arg for item in SAFE_CONFIG for arg in ("-c", item)]
+
+
+def _parse_tree_record(record: bytes) -> TreeEntry:
+    meta, _, path = record.partition(b"\t")
+    mode, _type, sha, size = meta.split()
+    return TreeEntry(int(mode, 8), sha.decode(), None if size == b"-" else int(size), path)
+
+
+def _watchdog(stop: threading.Event, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if not stop.wait(timeout) and proc.poll() is None:
+        proc.kill()
+
+
+def _finish(proc: subprocess.Popen[bytes], what: str) -> None:
+    code = proc.wait()
+    if code != 0:
+        reason = "killed after the git timeout" if code == -9 else f"exit status {code}"
+        raise SourceError(f"git {what} failed ({reason})")
+
+
+def run(rm: ResourceManager, argv: list[str], timeout: float, *, env: dict[str, str],
+        what: str) -> bytes:
+    """Run a short git command to completion; its stderr's last line becomes the error."""
+    proc = rm.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"git {what} timed out after {timeout:g}s") from None
+    finally:
+        rm.release(proc)
+    if proc.returncode != 0:
+        lines = [ln for ln in err.decode(errors="replace").strip().splitlines() if ln.strip()]
+        detail = scrub(lines[-1].removeprefix("fatal: ")) if lines else f"exit {proc.returncode}"
+        raise SourceError(f"git {what}: {detail}")
+    return out
+

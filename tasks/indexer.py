@@ -1,0 +1,109 @@
+"""Indexing and deleting repositories: plain functions over a resource scope.
+
+Nothing here imports Celery. Each operation uses the connection and processes its scope
+gives it, inside one transaction: readers keep seeing the previous complete index until
+it commits, and an interrupted operation leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tasks import store
+from tasks.classify import classify, decode_path, language
+from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, Git, TreeEntry
+from tasks.validate import IndexArgs
+from workers import logs
+from workers.errors import LimitExceeded
+from workers.resources import ResourceManager
+from workers.scrub import scrub
+from workers.settings import Settings
+
+Progress = Callable[[int, int], None]
+
+
+def _no_progress(done: int, total: int) -> None:
+    return None
+
+
+def tree_rows(entries: Iterator[TreeEntry], *, max_files: int, max_bytes: int
+              ) -> Iterator[tuple[str, str, int, int | None, str | None, str]]:
+    """Rows of the ``tree`` table: (path, sha, mode, size, language, kind)."""
+    for count, entry in enumerate(entries, start=1):
+        if count > max_files:
+            raise LimitExceeded(f"repository has more than {max_files} files "
+                                "(REPOINDEX_MAX_FILES)")
+        path = decode_path(entry.path)
+        if entry.mode == MODE_SUBMODULE:
+            kind = "submodule"
+        elif entry.mode == MODE_SYMLINK:
+            kind = "symlink"
+        elif entry.size is not None and entry.size > max_bytes:
+            kind = "too_large"
+        else:
+            kind = "blob"
+        yield path, entry.sha, entry.mode, entry.size, language(path.rsplit("/", 1)[-1]), kind
+
+
+def open_source(rm: ResourceManager, args: IndexArgs, settings: Settings) -> Git:
+    if args.source.path is not None:
+        return Git.open_local(rm, args.source.path, settings.git_timeout)
+    assert args.source.url is not None
+    return Git.clone(rm, args.source.url, settings.git_timeout)
+
+
+def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *,
+                     job_id: str, progress: Progress = _no_progress) -> dict[str, Any]:
+    """Index ``args.source`` at ``args.ref`` under ``args.name``; returns the run summary."""
+    started = time.perf_counter()
+    rm.repo = args.name
+    logs.bind(repo=args.name)
+    git = open_source(rm, args, settings)
+    commit = git.resolve(args.ref)
+    conn = rm.connection()
+    with conn.transaction():
+        store.lock_repository(conn, args.name)
+        store.lock_blobs(conn, exclusive=False)
+        repo_id = store.upsert_repository(conn, args.name, scrub(args.source.text), args.ref)
+        store.load_tree(conn, tree_rows(git.ls_tree(commit), max_files=settings.max_files,
+                                        max_bytes=settings.max_file_bytes))
+        wanted = store.to_read(conn, repo_id)
+        kinds = dict(wanted)
+        read_bytes = 0
+        progress(0, len(wanted))
+        with store.blob_sink(conn) as sink:
+            for done, (sha, data) in enumerate(git.read_blobs(s for s, _ in wanted), start=1):
+                read_bytes += len(data)
+                if kinds[sha] == "symlink":
+                    sink.link(sha, decode_path(data))
+                else:
+                    sink.blob(sha, len(data), classify(data))
+                progress(done, len(wanted))
+        counts = store.apply(conn, repo_id, commit, job_id)
+    rm.release(conn)
+    read = len(wanted)
+    del wanted, kinds  # the per-run lists go before the next operation, not at some later GC
+    gc.collect()
+    return {"repository": args.name, "commit": commit, **counts, "read": read,
+            "bytes": read_bytes, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def delete_repository(rm: ResourceManager, name: str) -> dict[str, Any]:
+    rm.repo = name
+    logs.bind(repo=name)
+    conn = rm.connection()
+    with conn.transaction():
+        result = store.delete_repository(conn, name)
+    rm.release(conn)
+    return result
+
+
+def collect_garbage(rm: ResourceManager) -> dict[str, Any]:
+    conn = rm.connection()
+    with conn.transaction():
+        result = store.collect_garbage(conn)
+    rm.release(conn)
+    return result

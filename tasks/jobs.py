@@ -1,0 +1,38 @@
+"""The Celery tasks: thin wrappers, registered under stable names other services use.
+
+Each runs inside the ResourceManager scope that ``OperationTask`` opens; arguments are
+JSON and validated here, so a malformed job fails with a one-line reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from tasks import indexer, validate
+from workers import resources, runtime
+from workers.task import OperationTask
+
+
+@shared_task(name="repoindex.index_repository", base=OperationTask, bind=True)
+def index_repository(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """index_repository(source, name=None, ref="HEAD") -> summary."""
+    settings = runtime.current().settings
+    parsed = validate.index_args(args, kwargs, settings.roots)
+    return indexer.index_repository(resources.current(), settings, parsed,
+                                    job_id=self.request.id or "local",
+                                    progress=self.progress())
+
+
+@shared_task(name="repoindex.delete_repository", base=OperationTask, bind=True)
+def delete_repository(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """delete_repository(name) -> {repository, deleted, files, blobs}."""
+    return indexer.delete_repository(resources.current(), validate.delete_args(args, kwargs))
+
+
+@shared_task(name="repoindex.collect_garbage", base=OperationTask, bind=True)
+def collect_garbage(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """collect_garbage() -> {blobs}: delete blobs that no repository references."""
+    validate.bind_arguments(args, kwargs, (), required=0)
+    return indexer.collect_garbage(resources.current())

@@ -1,0 +1,155 @@
+"""SQL of the index: one transaction per operation, diffed against what is stored.
+
+Locks (transaction-scoped advisory locks, so they vanish with the transaction whatever
+ends it): ``(1, hashtext(name))`` makes operations on one repository run one at a time;
+``(2, 0)`` is taken shared by indexing and exclusive by blob garbage collection, so a
+blob is never deleted while an operation is about to reference it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from tasks.classify import Content
+
+Conn = psycopg.Connection[Any]
+REPO_LOCK, GC_LOCK = 1, 2
+SKIP_KINDS = ("binary", "too_large", "symlink", "submodule")
+
+
+def lock_repository(conn: Conn, name: str) -> None:
+    """Wait until no other operation holds ``name``; held until this transaction ends."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (REPO_LOCK, name))
+
+
+def lock_blobs(conn: Conn, *, exclusive: bool) -> None:
+    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    conn.execute(f"SELECT {fn}(%s, 0)", (GC_LOCK,))
+
+
+def upsert_repository(conn: Conn, name: str, source: str, ref: str) -> int:
+    row = conn.execute(
+        "INSERT INTO repositories (name, source, ref) VALUES (%s, %s, %s) ON CONFLICT (name)"
+        " DO UPDATE SET source = EXCLUDED.source, ref = EXCLUDED.ref RETURNING id",
+        (name, source, ref)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def load_tree(conn: Conn, rows: Iterable[tuple[str, str, int, int | None, str | None, str]]) -> int:
+    """COPY (path, sha, mode, size, language, kind) rows into this transaction's ``tree``."""
+    conn.execute("CREATE TEMP TABLE tree (path text PRIMARY KEY, sha text NOT NULL,"
+                 " mode integer NOT NULL, size bigint, language text, kind text NOT NULL)"
+                 " ON COMMIT DROP")
+    count = 0
+    with conn.cursor().copy("COPY tree FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+            count += 1
+    conn.execute("ANALYZE tree")
+    return count
+
+
+_UNCHANGED = ("EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s AND f.path = t.path"
+              " AND f.sha = t.sha AND f.mode = t.mode)")
+
+
+def to_read(conn: Conn, repo_id: int) -> list[tuple[str, str]]:
+    """(sha, kind) of the blobs this run must read: contents never stored, changed links."""
+    return [(r[0], r[1]) for r in conn.execute(
+        "SELECT DISTINCT t.sha, t.kind FROM tree t WHERE NOT " + _UNCHANGED +
+        " AND (t.kind = 'symlink' OR (t.kind = 'blob'"
+        "      AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.sha = t.sha)))"
+        " ORDER BY 1", {"repo": repo_id})]
+
+
+@contextmanager
+def blob_sink(conn: Conn) -> Iterator[BlobSink]:
+    """A COPY stream into this transaction's ``new_blobs`` and ``new_links`` tables."""
+    conn.execute("CREATE TEMP TABLE new_blobs (LIKE blobs) ON COMMIT DROP")
+    conn.execute("CREATE TEMP TABLE new_links (sha text PRIMARY KEY, target text) ON COMMIT DROP")
+    links: list[tuple[str, str]] = []
+    with conn.cursor().copy("COPY new_blobs FROM STDIN") as copy:
+        yield BlobSink(copy, links)
+    with conn.cursor().copy("COPY new_links FROM STDIN") as copy:
+        for row in links:
+            copy.write_row(row)
+
+
+class BlobSink:
+    def __init__(self, copy: psycopg.Copy, links: list[tuple[str, str]]) -> None:
+        self._copy = copy
+        self._links = links
+
+    def blob(self, sha: str, size: int, content: Content) -> None:
+        self._copy.write_row((sha, size, content.binary, content.lines, content.lossy,
+                              content.text))
+
+    def link(self, sha: str, target: str) -> None:
+        self._links.append((sha, target))
+
+
+def apply(conn: Conn, repo_id: int, commit: str, job_id: str) -> dict[str, Any]:
+    """Make ``files`` of the repository equal ``tree``; return the counts of the run."""
+    conn.execute("INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING")
+    removed = conn.execute(
+        "DELETE FROM files f WHERE f.repo_id = %(repo)s AND NOT EXISTS (SELECT 1 FROM tree t"
+        " WHERE t.path = f.path AND t.sha = f.sha AND t.mode = f.mode)", {"repo": repo_id}
+    ).rowcount
+    written = conn.execute(
+        "INSERT INTO files (repo_id, path, sha, mode, size, language, kind, target)"
+        " SELECT %(repo)s, t.path, t.sha, t.mode, t.size, t.language,"
+        "   CASE WHEN t.kind <> 'blob' THEN t.kind WHEN b.is_binary THEN 'binary' ELSE 'text' END,"
+        "   l.target"
+        " FROM tree t LEFT JOIN blobs b ON t.kind = 'blob' AND b.sha = t.sha"
+        " LEFT JOIN new_links l ON t.kind = 'symlink' AND l.sha = t.sha"
+        " WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s AND f.path = t.path)",
+        {"repo": repo_id}).rowcount
+    row = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE f.kind = 'binary'),"
+        " count(*) FILTER (WHERE f.kind = 'too_large'), count(*) FILTER (WHERE f.kind = 'symlink'),"
+        " count(*) FILTER (WHERE f.kind = 'submodule'), count(*) FILTER (WHERE b.lossy)"
+        " FROM files f LEFT JOIN blobs b ON f.kind = 'text' AND b.sha = f.sha"
+        " WHERE f.repo_id = %s", (repo_id,)).fetchone()
+    assert row is not None
+    total = int(row[0])
+    conn.execute("UPDATE repositories SET commit = %s, files = %s, indexed_at = now(),"
+                 " last_job_id = %s WHERE id = %s", (commit, total, job_id, repo_id))
+    return {"files": total, "indexed": written, "removed": removed,
+            "unchanged": total - written,
+            "skipped": dict(zip(SKIP_KINDS, (int(v) for v in row[1:5]), strict=True)),
+            "not_utf8": int(row[5])}
+
+
+def delete_repository(conn: Conn, name: str) -> dict[str, Any]:
+    """Remove a repository, its files, and the blobs no other repository references."""
+    lock_repository(conn, name)
+    row = conn.execute("SELECT id, files FROM repositories WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        return {"repository": name, "deleted": False, "files": 0, "blobs": 0}
+    conn.execute("CREATE TEMP TABLE gone ON COMMIT DROP AS"
+                 " SELECT DISTINCT sha FROM files WHERE repo_id = %s", (row[0],))
+    conn.execute("DELETE FROM repositories WHERE id = %s", (row[0],))
+    lock_blobs(conn, exclusive=True)
+    blobs = conn.execute("DELETE FROM blobs b USING gone g WHERE b.sha = g.sha AND NOT EXISTS"
+                         " (SELECT 1 FROM files f WHERE f.sha = b.sha)").rowcount
+    return {"repository": name, "deleted": True, "files": int(row[1]), "blobs": blobs}
+
+
+def collect_garbage(conn: Conn) -> dict[str, Any]:
+    """Delete blobs no file references any more (left behind by re-indexing)."""
+    lock_blobs(conn, exclusive=True)
+    blobs = conn.execute("DELETE FROM blobs b WHERE NOT EXISTS"
+                         " (SELECT 1 FROM files f WHERE f.sha = b.sha)").rowcount
+    return {"blobs": blobs}
+
+
+def repositories(conn: Conn) -> list[dict[str, Any]]:
+    cur = conn.execute("SELECT name, source, commit, files, indexed_at FROM repositories"
+                       " ORDER BY name")
+    return [{"name": r[0], "source": r[1], "commit": r[2], "files": r[3],
+             "indexed_at": r[4].isoformat() if r[4] else None} for r in cur]

@@ -1,0 +1,128 @@
+"""The per-process PostgreSQL pool and the schema migrations.
+
+A pool is opened in each prefork child after fork (``worker_process_init``) with
+``open(wait=False)``, never in the parent: a pool opened before fork hands the child the
+parent's server connections. ``Database`` has explicit, idempotent open/close.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from workers.errors import ResourceError
+from workers.settings import Settings
+
+log = logging.getLogger("repoindex.db")
+MIGRATIONS = Path(__file__).resolve().parent.parent / "ops" / "migrations"
+_MIGRATION_LOCK = 0x7265706F  # "repo": one advisory lock key for all migrators
+
+
+class PoolState(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def session_options(settings: Settings) -> str:
+    """libpq ``options`` giving our sessions a server-side idle-in-transaction backstop."""
+    return (f"-c idle_in_transaction_session_timeout={settings.idle_tx_timeout_ms} "
+            "-c application_name=repoindex")
+
+
+class Database:
+    """Owns one ``ConnectionPool`` for this process."""
+
+    def __init__(self, settings: Settings, *, name: str = "repoindex") -> None:
+        self.settings = settings
+        self.state = PoolState.UNOPENED
+        self.pool_sockets: set[str] = set()  # /proc fd targets the pool owns (leak sentinel)
+        self._lock = threading.Lock()
+        self._pool = ConnectionPool(
+            settings.database_url,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            timeout=settings.pool_timeout,
+            open=False,
+            name=name,
+            kwargs={"options": session_options(settings)},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+        )
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            target = os.readlink(f"/proc/self/fd/{conn.fileno()}")
+        except OSError:  # no /proc (not Linux): the sentinel is off there anyway
+            return
+        with self._lock:
+            self.pool_sockets.add(target)
+
+    @property
+    def pool(self) -> ConnectionPool:
+        if self.state is not PoolState.OPEN:
+            raise ResourceError(f"database pool is {self.state.value}")
+        return self._pool
+
+    def open(self, *, wait: bool = False) -> None:
+        """Start the pool; with ``wait=False`` connections are made in the background."""
+        if self.state is PoolState.OPEN:
+            return
+        if self.state is PoolState.CLOSED:
+            raise ResourceError("database pool was closed; make a new Database")
+        self._pool.open(wait=wait)
+        self.state = PoolState.OPEN
+
+    def close(self) -> None:
+        """Close the pool (idempotent)."""
+        if self.state is PoolState.OPEN:
+            self._pool.close(timeout=5.0)
+        self.state = PoolState.CLOSED
+
+    def stats(self) -> dict[str, int]:
+        """Pool statistics with the keys psycopg omits when zero filled in."""
+        raw = self._pool.get_stats() if self.state is PoolState.OPEN else {}
+        keys = ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting",
+                "requests_num", "requests_errors", "connections_lost", "returns_bad")
+        stats = {k: int(raw.get(k, 0)) for k in keys}
+        stats["checked_out"] = stats["pool_size"] - stats["pool_available"]
+        return stats
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A short checkout for bookkeeping outside an operation scope."""
+        with self.pool.connection() as conn:
+            yield conn
+
+
+def connect(settings: Settings, **kw: Any) -> psycopg.Connection[Any]:
+    """A plain connection (CLI, migrations), with the same session options as the pool."""
+    return psycopg.connect(settings.database_url, options=session_options(settings), **kw)
+
+
+def migrate(conn: psycopg.Connection[Any], directory: Path = MIGRATIONS) -> list[str]:
+    """Apply numbered ``NNN_name.sql`` files not applied yet; safe when many run at once."""
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
+            if path.stem in done:
+                continue
+            conn.execute(path.read_text(encoding="utf-8"))
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (path.stem,))
+            applied_now.append(path.stem)
+    if applied_now:
+        log.info("schema migrated: %s", ", ".join(applied_now))
+    return applied_now

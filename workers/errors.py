@@ -1,0 +1,48 @@
+"""The small, named error hierarchy of repoindex.
+
+``RepoindexError`` subclasses are *failures* a caller should read: their message is one
+line, safe to show (no credentials), and ends up in the job status and the run ledger.
+Control flow (requeue on shutdown) is not an error and is not modelled here.
+"""
+
+from __future__ import annotations
+
+
+class RepoindexError(Exception):
+    """Base of every failure that repoindex reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(RepoindexError):
+    """The environment holds an invalid setting."""
+
+
+class BadInput(RepoindexError):
+    """A job's arguments or source are malformed, refused or unreachable."""
+
+
+class SourceError(RepoindexError):
+    """Git could not read the source (not a repository, unknown ref, clone failed)."""
+
+
+class LimitExceeded(RepoindexError):
+    """The repository exceeds a configured limit (files, time)."""
+
+
+class ResourceError(RepoindexError):
+    """The resource scope was misused (acquire after close) or could not acquire."""
+
+
+class CleanupError(RepoindexError):
+    """One or more release steps of a resource scope failed."""
+
+    def __init__(self, failures: list[tuple[str, BaseException]]) -> None:
+        kinds = ", ".join(f"{kind}: {exc!r}" for kind, exc in failures)
+        super().__init__(f"{len(failures)} cleanup step(s) failed: {kinds}")
+        self.failures = failures

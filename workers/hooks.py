@@ -1,0 +1,60 @@
+"""The only module that connects Celery signals. Receivers are strong, connected once
+(``dispatch_uid``) and trivial: each delegates to the runtime or the sentinel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from workers import logs, runtime
+from workers.settings import Settings
+
+log = logging.getLogger("repoindex.hooks")
+
+
+def on_setup_logging(**_: Any) -> None:
+    settings = Settings.from_env()
+    logs.configure(settings.log_level, settings.log_format)
+
+
+def on_process_init(**_: Any) -> None:
+    # Runs in each prefork child after fork; must return within worker_proc_alive_timeout,
+    # hence the pool opens with wait=False.
+    runtime.start()
+
+
+def on_process_shutdown(**_: Any) -> None:
+    runtime.shutdown()
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    # The main process of a prefork worker holds no pool; a solo worker does.
+    runtime.shutdown()
+
+
+def on_task_prerun(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        runtime.current().sentinel.before(task_id)
+
+
+def on_task_postrun(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        runtime.current().sentinel.after(task_id)
+
+
+_RECEIVERS = (
+    (signals.setup_logging, on_setup_logging),
+    (signals.worker_process_init, on_process_init),
+    (signals.worker_process_shutdown, on_process_shutdown),
+    (signals.worker_shutdown, on_worker_shutdown),
+    (signals.task_prerun, on_task_prerun),
+    (signals.task_postrun, on_task_postrun),
+)
+
+
+def connect() -> None:
+    """Connect every receiver (idempotent)."""
+    for signal, receiver in _RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=f"repoindex.{receiver.__name__}")

@@ -1,0 +1,77 @@
+"""The run ledger: one row per attempt of every operation, written outside its transaction.
+
+An attempt's row is inserted as ``running`` before the operation's scope opens and
+updated when it ends (``succeeded``, ``failed`` or ``interrupted`` by shutdown). A row
+still ``running`` when the same job is delivered again belonged to a process that died
+(SIGKILL, OOM): it is marked ``lost``, and a job lost ``max_lost`` times is failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from workers.errors import LimitExceeded, RepoindexError
+from workers.resources import CleanupReport, outcome_of
+from workers.scrub import scrub
+
+LOST_ERROR = "worker process died during the operation (SIGKILL or out of memory)"
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    job_id: str
+    attempt: int
+
+
+def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int) -> Run:
+    """Record a new attempt; refuse a job that has killed its worker ``max_lost`` times."""
+    with conn.transaction():
+        conn.execute("UPDATE runs SET state = 'lost', finished_at = now(), error = %s "
+                     "WHERE job_id = %s AND state = 'running'", (LOST_ERROR, job_id))
+        row = conn.execute("SELECT count(*), count(*) FILTER (WHERE state = 'lost'), "
+                           "max(repository) FROM runs WHERE job_id = %s", (job_id,)).fetchone()
+        attempts, lost, repository = row if row else (0, 0, None)
+        state, error = "running", None
+        if lost >= max_lost:
+            state, error = "failed", f"{LOST_ERROR}, {lost} times; not retried"
+        run_id = conn.execute(
+            "INSERT INTO runs (job_id, task, repository, attempt, worker, pid, state, error,"
+            " finished_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s = 'running' THEN NULL ELSE now() END) RETURNING id",
+            (job_id, task, repository, attempts + 1, socket.gethostname(), os.getpid(), state,
+             error, state)).fetchone()
+    if error is not None:
+        raise LimitExceeded(error)
+    assert run_id is not None
+    return Run(int(run_id[0]), job_id, attempts + 1)
+
+
+def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
+           result: Any, error: BaseException | None, cleanup: CleanupReport | None) -> None:
+    """Close the attempt's row with its outcome, counts, error text and cleanup report."""
+    state = outcome_of(error)
+    counts = result if isinstance(result, dict) else None
+    conn.execute(
+        "UPDATE runs SET state = %s, finished_at = now(), repository = coalesce(%s, repository),"
+        " counts = %s, error = %s, cleanup = %s WHERE id = %s",
+        (state, repository or None, json.dumps(counts) if counts is not None else None,
+         error_text(error), json.dumps(cleanup.as_dict()) if cleanup else None, run.id))
+
+
+def error_text(error: BaseException | None) -> str | None:
+    """One line a caller can read: the message of our errors, type and message otherwise."""
+    if error is None:
+        return None
+    if isinstance(error, SystemExit | KeyboardInterrupt):
+        return "interrupted by worker shutdown; the job was returned to the queue"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    name = type(error).__name__
+    line = text if isinstance(error, RepoindexError) else f"{name}: {text}" if text else name
+    return scrub(line)[:1000]

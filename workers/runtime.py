@@ -1,0 +1,130 @@
+"""What one worker process holds for its whole life: settings, pool, sentinel.
+
+A prefork child builds its ``Runtime`` in ``worker_process_init`` (after fork) and closes
+it in ``worker_process_shutdown``. Other callers (solo pool, eager tests, the CLI) get one
+lazily from ``current()``; ``shutdown()`` closes it either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+
+from workers import ledger
+from workers.db import Database, migrate
+from workers.resources import ResourceManager
+from workers.sentinel import Sentinel
+from workers.settings import Settings
+
+log = logging.getLogger("repoindex.runtime")
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def redis_endpoints(*urls: str) -> frozenset[tuple[str, int]]:
+    """(ip, port) pairs of the Redis URLs, for the sentinel's socket exemption."""
+    found: set[tuple[str, int]] = set()
+    for url in urls:
+        parts = urlsplit(url)
+        if not parts.hostname:
+            continue
+        port = parts.port or 6379
+        try:
+            infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+        except OSError:
+            continue
+        found.update((str(info[4][0]), port) for info in infos)
+    return frozenset(found)
+
+
+def sweep_temp(temp_root: Path) -> list[str]:
+    """Remove temp areas of processes that died without cleanup (SIGKILL, OOM)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(temp_root)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        pid_text = name.split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid() and psutil.pid_exists(pid):
+            continue
+        shutil.rmtree(temp_root / name, ignore_errors=True)
+        removed.append(name)
+    if removed:
+        log.warning("swept %d temp area(s) left by dead worker processes: %s",
+                    len(removed), ", ".join(sorted(removed)))
+    return removed
+
+
+class Runtime:
+    """Per-process state; ``start``/``stop`` are idempotent."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings)
+        self.sentinel = Sentinel(
+            temp_root=settings.temp_dir,
+            checked_out=lambda: self.db.stats()["checked_out"],
+            exempt_sockets=lambda: self.db.pool_sockets,
+            endpoints=redis_endpoints(settings.redis_url, settings.result_backend),
+        )
+        self._schema_ready = False
+
+    def start(self) -> Runtime:
+        self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temp(self.settings.temp_dir)
+        self.db.open(wait=False)
+        return self
+
+    def stop(self) -> None:
+        self.db.close()
+
+    def ensure_schema(self) -> None:
+        """Apply migrations once per process (serialised across processes by a lock)."""
+        if not self._schema_ready:
+            with self.db.connection() as conn:
+                migrate(conn)
+            self._schema_ready = True
+
+    def scope(self, op_id: str) -> ResourceManager:
+        """A new, unopened resource scope for one operation of this process."""
+        return ResourceManager(op_id, pool=self.db.pool, temp_root=self.settings.temp_dir,
+                               pool_timeout=self.settings.pool_timeout)
+
+    def begin_run(self, job_id: str, task: str) -> ledger.Run:
+        self.ensure_schema()
+        with self.db.connection() as conn:
+            return ledger.start(conn, job_id=job_id, task=task, max_lost=self.settings.max_lost)
+
+
+def start(settings: Settings | None = None) -> Runtime:
+    """Build and start this process's runtime (in a prefork child: after fork)."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(settings or Settings.from_env()).start()
+        return _runtime
+
+
+def current() -> Runtime:
+    """This process's runtime, started on first use."""
+    return _runtime if _runtime is not None else start()
+
+
+def shutdown() -> None:
+    """Stop this process's runtime, if any (idempotent)."""
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.stop()
+            _runtime = None
