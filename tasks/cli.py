@@ -1,0 +1,230 @@
+"""The ``repoindex`` command line. Every command takes ``--json``: one JSON document on the
+last line of stdout, for machines; humans get tables and progress bars on a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from workers.errors import RepoindexError
+
+JOB_STATES_DONE = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def emit(doc: Any, as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(doc, default=str))
+    else:
+        human()
+
+
+def job_status(job_id: str) -> dict[str, Any]:
+    """``{"id", "state", "result" | "error" | "progress"}`` from the result backend, falling
+    back to the run ledger when the backend has nothing (expired, or never reached)."""
+    from celery.result import AsyncResult
+
+    from workers.app import app
+
+    res = AsyncResult(job_id, app=app)
+    state = res.state
+    doc: dict[str, Any] = {"id": job_id, "state": state}
+    if state == "SUCCESS":
+        doc["result"] = res.result
+    elif state == "FAILURE":
+        doc["error"] = str(res.result)
+    elif state == "PROGRESS" and isinstance(res.info, dict):
+        doc["progress"] = {"done": res.info.get("done"), "total": res.info.get("total")}
+    elif state == "PENDING":
+        doc.update(_ledger_status(job_id))
+    return doc
+
+
+def _ledger_status(job_id: str) -> dict[str, Any]:
+    from workers import db
+    from workers.settings import Settings
+
+    try:
+        with db.connect(Settings.from_env(), connect_timeout=3) as conn:
+            row = conn.execute("SELECT state, error, counts FROM runs WHERE job_id = %s"
+                               " ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
+    except Exception:  # the ledger is a fallback; PENDING stands when it is unreachable
+        return {}
+    if row is None:
+        return {}
+    state = {"succeeded": "SUCCESS", "failed": "FAILURE", "running": "STARTED"}.get(row[0], row[0])
+    extra: dict[str, Any] = {"state": state, "ledger": row[0]}
+    if row[1]:
+        extra["error"] = row[1]
+    if row[2] is not None and state == "SUCCESS":
+        extra["result"] = row[2]
+    return extra
+
+
+def wait_for(job_id: str, *, show: bool, timeout: float | None = None) -> dict[str, Any]:
+    """Poll until the job ends, with a progress bar on stderr when ``show``."""
+    from rich.progress import Progress
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Progress(transient=True, disable=not show, console=_stderr()) as bar:
+        task = bar.add_task(f"job {job_id[:8]}", total=None)
+        while True:
+            doc = job_status(job_id)
+            if doc["state"] in JOB_STATES_DONE:
+                return doc
+            if "progress" in doc:
+                bar.update(task, completed=doc["progress"]["done"], total=doc["progress"]["total"])
+            if deadline is not None and time.monotonic() > deadline:
+                return doc
+            time.sleep(0.2)
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.group()
+def main() -> None:
+    """repoindex: index git repositories into PostgreSQL with Celery workers."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a worker: `celery -A workers.app worker` with the given celery options."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", *ctx.args]
+    os.execvpe(argv[0], argv, os.environ.copy())
+
+
+@main.command()
+@click.argument("source")
+@click.option("--name", help="Repository name (default: last component of SOURCE).")
+@click.option("--ref", default="HEAD", show_default=True)
+@click.option("--wait", is_flag=True, help="Wait, showing progress, and print the summary.")
+@click.option("--json", "as_json", is_flag=True)
+def enqueue(source: str, name: str | None, ref: str, wait: bool, as_json: bool) -> None:
+    """Queue repoindex.index_repository for SOURCE and print the job id."""
+    from workers.app import app
+
+    kwargs: dict[str, Any] = {"source": source, "ref": ref}
+    if name:
+        kwargs["name"] = name
+    job_id = app.send_task("repoindex.index_repository", kwargs=kwargs).id
+    if not wait:
+        emit({"id": job_id, "state": "PENDING"}, as_json, lambda: click.echo(job_id))
+        return
+    doc = wait_for(job_id, show=not as_json and sys.stderr.isatty())
+    emit(doc, as_json, lambda: click.echo(_describe(doc)))
+    sys.exit(0 if doc["state"] == "SUCCESS" else 1)
+
+
+def _describe(doc: dict[str, Any]) -> str:
+    if doc["state"] == "SUCCESS":
+        return f"{doc['id']} SUCCESS\n" + json.dumps(doc["result"], indent=2, default=str)
+    return f"{doc['id']} {doc['state']}" + (f": {doc['error']}" if doc.get("error") else "")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job's state and its result or error."""
+    doc = job_status(job_id)
+    emit(doc, as_json, lambda: click.echo(_describe(doc)))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def repos(as_json: bool) -> None:
+    """List indexed repositories."""
+    from tasks import store
+
+    with _connection() as conn:
+        rows = store.repositories(conn)
+
+    def table() -> None:
+        for r in rows:
+            click.echo(f"{r['name']}\t{r['files']} files\t{(r['commit'] or '')[:12]}\t"
+                       f"{r['indexed_at']}\t{r['source']}")
+
+    emit(rows, as_json, table)
+
+
+@main.command()
+@click.argument("pattern")
+@click.option("--repo", help="Only this repository.")
+@click.option("--regex", is_flag=True, help="PATTERN is a PostgreSQL regular expression.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+def search(pattern: str, repo: str | None, regex: bool, limit: int, as_json: bool) -> None:
+    """Print `repo:path:line: text` for lines matching PATTERN."""
+    from tasks.search import search as run_search
+    from workers.settings import Settings
+
+    with _connection() as conn:
+        try:
+            found = run_search(conn, pattern, repo=repo, regex=regex, limit=limit,
+                               timeout_ms=Settings.from_env().statement_timeout_ms)
+        except RepoindexError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def lines() -> None:
+        for m in found:
+            click.echo(f"{m.repo}:{m.path}:{m.line}: {m.text}")
+
+    emit([m.as_dict() for m in found], as_json, lines)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def delete(name: str, as_json: bool) -> None:
+    """Queue repoindex.delete_repository for NAME and wait for it."""
+    from workers.app import app
+
+    job_id = app.send_task("repoindex.delete_repository", kwargs={"name": name}).id
+    doc = wait_for(job_id, show=False)
+    emit(doc, as_json, lambda: click.echo(_describe(doc)))
+
+
+@main.command()
+def migrate() -> None:
+    """Create or update the database schema (workers also do this on first use)."""
+    from workers.db import migrate as run_migrations
+
+    with _connection() as conn:
+        applied = run_migrations(conn)
+    click.echo("applied: " + (", ".join(applied) or "nothing, schema is current"))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def demo(as_json: bool) -> None:
+    """Start services and two workers, index this checkout, search, report, shut down."""
+    from tasks.demo import run_demo
+
+    report = run_demo(echo=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    sys.exit(0 if report["ok"] else 1)
+
+
+def _connection() -> Any:
+    from workers import db
+    from workers.settings import Settings
+
+    settings = Settings.from_env()
+    conn = db.connect(settings, autocommit=True)
+    db.migrate(conn)
+    return conn
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

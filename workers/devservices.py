@@ -1,0 +1,215 @@
+"""Redis and PostgreSQL for the demo and the tests, found or started.
+
+Order of preference: the URL in the environment; the local default server when it
+answers; a throwaway server started from the binaries on PATH in a temporary directory
+and removed afterwards. A missing binary is reported with what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import redis
+
+from workers.errors import ConfigError
+
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+LOCAL_POSTGRES = "postgresql://127.0.0.1:5432/postgres"
+INSTALL_HINT = {
+    "redis-server": "install Redis (Debian/Ubuntu: apt-get install redis-server; "
+                    "macOS: brew install redis) or set REDIS_URL",
+    "postgres": "install PostgreSQL >= 13 (Debian/Ubuntu: apt-get install postgresql; "
+                "macOS: brew install postgresql) or set DATABASE_URL",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def postgres_answers(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """Create database ``name`` unless it exists; return its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                conn.execute(f'CREATE DATABASE "{name}"')
+    return with_database(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def find_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        candidates.insert(0, os.path.join(bindir, name))
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    hint = INSTALL_HINT["redis-server" if name.startswith("redis") else "postgres"]
+    raise ConfigError(f"{name} was not found on PATH: {hint}")
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port; ``restart()`` keeps the port."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self._proc = subprocess.Popen(
+            [find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+            self._proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (run as an unprivileged user when we are root)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = directory / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql://repoindex@127.0.0.1:{self.port}/postgres"
+        self._runas: list[str] = []
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self._runas, *argv], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+
+    def start(self) -> PostgresServer:
+        initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            user = "postgres" if _user_exists("postgres") else "nobody"
+            self._runas = ["runuser", "-u", user, "--"]
+            os.chmod(self.directory, 0o755)
+            self.data.mkdir()
+            shutil.chown(self.data, user)
+        self._run(initdb, "-D", str(self.data), "-U", "repoindex", "--auth=trust", "-E", "UTF8")
+        self._run(pg_ctl, "-D", str(self.data), "-w", "-l", str(self.data / "server.log"),
+                  "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+        return self
+
+    def stop(self) -> None:
+        if self.data.exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._run(find_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _wait_for(check: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(check) and check():
+            return
+        time.sleep(0.05)
+    raise ConfigError(f"{what} did not start within {timeout:g}s")
+
+
+@dataclass
+class Endpoints:
+    redis_url: str
+    database_url: str
+    admin_url: str  # a database of the same server, for creating and dropping ours
+    started: list[str]  # what was started here ("redis", "postgres"), for the report
+    redis_server: RedisServer | None = None
+
+
+@contextmanager
+def services(database: str, *, private_redis: bool = False,
+             drop: bool = False) -> Iterator[Endpoints]:
+    """Redis and a PostgreSQL database named ``database``, found or started; see module doc."""
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="repoindex-svc-")))
+        started: list[str] = []
+        redis_server = None
+        redis_url = os.environ.get("REDIS_URL", "")
+        if not redis_url and not private_redis and redis_answers(LOCAL_REDIS):
+            redis_url = LOCAL_REDIS
+        if not redis_url:
+            (tmp / "redis").mkdir()
+            redis_server = RedisServer(tmp / "redis").start()
+            stack.callback(redis_server.stop)
+            redis_url = redis_server.url
+            started.append("redis")
+        database_url = os.environ.get("DATABASE_URL", "")
+        admin_url = database_url
+        if not database_url:
+            admin_url = LOCAL_POSTGRES
+            if not postgres_answers(admin_url):
+                pg = PostgresServer(tmp)
+                stack.callback(pg.stop)
+                admin_url = pg.start().url
+                started.append("postgres")
+            database_url = create_database(admin_url, database)
+            if drop:
+                stack.callback(drop_database, admin_url, database)
+        yield Endpoints(redis_url, database_url, admin_url, started, redis_server)

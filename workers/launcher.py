@@ -1,0 +1,83 @@
+"""Starting and stopping real ``celery worker`` processes (the demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import psutil
+
+from workers.errors import ConfigError
+
+
+class WorkerProcess:
+    """One worker replica: ``celery -A workers.app worker`` in its own process group."""
+
+    def __init__(self, env: Mapping[str, str], *, name: str, log_path: Path,
+                 concurrency: int = 2, args: Sequence[str] = ()) -> None:
+        self.env = dict(env)
+        self.name = name
+        self.log_path = log_path
+        self.argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                     "--pool", "prefork", "-c", str(concurrency), "-n", f"{name}@%h",
+                     "--without-mingle", "--without-gossip", *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, ready_timeout: float = 60.0) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        self.wait_for_log(" ready.", ready_timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ConfigError(f"worker {self.name} exited ({self.proc.returncode}):\n"
+                                  + self.log()[-3000:])
+            time.sleep(0.05)
+        raise ConfigError(f"worker {self.name}: {text!r} not logged within {timeout:g}s")
+
+    def children(self) -> list[int]:
+        try:
+            return [c.pid for c in psutil.Process(self.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, sig: int = signal.SIGTERM, *, group: bool = False) -> None:
+        if group:
+            os.killpg(self.pid, sig)
+        else:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait; SIGKILL the whole group if it does not exit in ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            return self.proc.wait()
