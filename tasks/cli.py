@@ -31,8 +31,8 @@ def job_status(job_id: str) -> dict[str, Any]:
 
     from workers.app import app
 
-    res = AsyncResult(job_id, app=app)
-    state = res.state
+    res: AsyncResult[Any] = AsyncResult(job_id, app=app)
+    state: str = str(res.state)
     doc: dict[str, Any] = {"id": job_id, "state": state}
     if state == "SUCCESS":
         doc["result"] = res.result

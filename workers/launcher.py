@@ -19,11 +19,12 @@ class WorkerProcess:
     """One worker replica: ``celery -A workers.app worker`` in its own process group."""
 
     def __init__(self, env: Mapping[str, str], *, name: str, log_path: Path,
-                 concurrency: int = 2, args: Sequence[str] = ()) -> None:
+                 concurrency: int = 2, args: Sequence[str] = (), app: str = "workers.app"
+                 ) -> None:
         self.env = dict(env)
         self.name = name
         self.log_path = log_path
-        self.argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        self.argv = [sys.executable, "-m", "celery", "-A", app, "worker",
                      "--pool", "prefork", "-c", str(concurrency), "-n", f"{name}@%h",
                      "--without-mingle", "--without-gossip", *args]
         self.proc: subprocess.Popen[bytes] | None = None

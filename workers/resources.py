@@ -20,6 +20,7 @@ import enum
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -49,6 +50,7 @@ class State(enum.Enum):
 
 @dataclass(eq=False)
 class _Entry:
+    obj: object  # held so that id(obj), the registry key, cannot be reused while tracked
     kind: str
     label: str
     release: Callable[[], None]
@@ -165,14 +167,21 @@ class ResourceManager:
     def track(self, kind: str, obj: object, release: Callable[[], None],
               alive: Callable[[], bool], label: str = "") -> None:
         """Register a resource; ``release`` runs at close unless ``alive()`` is false."""
-        if self.state is not State.OPEN:
-            raise ResourceError(f"scope {self.op_id} is {self.state.value}: cannot acquire {kind}")
-        if kind not in self._acquired:
-            raise ResourceError(f"unknown resource kind {kind!r}")
+        try:
+            self._require_open(kind)
+        except ResourceError:
+            release()  # refused: do not let what was already acquired escape the scope
+            raise
         if len(self._entries) >= self._prune_at:
             self._prune()
-        self._entries[id(obj)] = _Entry(kind, label or repr(obj), release, alive)
+        self._entries[id(obj)] = _Entry(obj, kind, label or repr(obj), release, alive)
         self._acquired[kind] += 1
+
+    def _require_open(self, kind: str) -> None:
+        if kind not in self._acquired:
+            raise ResourceError(f"unknown resource kind {kind!r}")
+        if self.state is not State.OPEN:
+            raise ResourceError(f"scope {self.op_id} is {self.state.value}: cannot acquire {kind}")
 
     def _prune(self) -> None:
         for key in [k for k, e in self._entries.items() if not e.alive()]:
@@ -195,6 +204,7 @@ class ResourceManager:
 
     # -- files -----------------------------------------------------------------------
     def open_file(self, path: str | os.PathLike[str], mode: str = "r", **kw: Any) -> IO[Any]:
+        self._require_open("files")
         fh: IO[Any] = open(path, mode, **kw)  # noqa: SIM115 - released by the scope
         self.track("files", fh, fh.close, lambda: not fh.closed, label=str(path))
         return fh
@@ -205,9 +215,7 @@ class ResourceManager:
         if self._pool is None:
             raise ResourceError("this scope has no connection pool")
         pool = self._pool
-        if self.state is not State.OPEN:
-            raise ResourceError(f"scope {self.op_id} is {self.state.value}: cannot acquire "
-                                "connections")
+        self._require_open("connections")
         conn = pool.getconn(timeout=self._pool_timeout)
         returned = [False]
 
@@ -230,6 +238,7 @@ class ResourceManager:
         if self._temp_area is None:
             if self._temp_root is None:
                 raise ResourceError("this scope has no temp root")
+            self._require_open("temp")
             area = self._temp_root / f"{os.getpid()}-{safe_name(self.op_id)}"
             area.mkdir(parents=True, exist_ok=False)
             self.track("temp", area, lambda: shutil.rmtree(area, ignore_errors=False),
@@ -247,6 +256,10 @@ class ResourceManager:
     # -- child processes -------------------------------------------------------------
     def popen(self, args: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
         """Start a child process; at close it is terminated, then killed, and reaped."""
+        self._require_open("processes")
+        # Its own process group, so that cleanup stops whatever it spawned as well
+        # (git clone runs git-remote-https and index-pack).
+        kw.setdefault("start_new_session", True)
         proc = subprocess.Popen(args, **kw)
         self.track("processes", proc, lambda: reap(proc, self._grace),
                    lambda: proc.returncode is None or _has_open_pipes(proc),
@@ -257,6 +270,7 @@ class ResourceManager:
     def start_thread(self, target: Callable[[threading.Event], None],
                      name: str) -> threading.Thread:
         """Start a thread that must stop when the event it is given is set."""
+        self._require_open("threads")
         stop = threading.Event()
         thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
 
@@ -291,12 +305,24 @@ def reap(proc: subprocess.Popen[bytes], grace: float) -> None:
                     pipe.close()
     finally:
         if proc.poll() is None:
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
         proc.wait()
+        _signal_group(proc, signal.SIGKILL)  # stragglers of its group, if any
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process's group when it leads one, else the process alone."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        elif proc.returncode is None:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def safe_name(text: str) -> str:

@@ -1,0 +1,131 @@
+"""Real services for the whole session, a real worker fixture, and a leak guard.
+
+Redis: a private redis-server (tests restart it); PostgreSQL: DATABASE_URL's server, else
+the local default, else a throwaway cluster; in both cases a database of our own that is
+dropped at the end. Services start in ``pytest_configure`` so that the environment is in
+place before any test module imports ``workers.app``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from workers import devservices
+from workers.launcher import WorkerProcess
+from workers.sentinel import open_fds
+
+_stack = contextlib.ExitStack()
+SESSION: dict[str, Any] = {}
+TEST_ENV = {
+    "REPOINDEX_MAX_FILE_BYTES": "65536",
+    "REPOINDEX_LOG_LEVEL": "INFO",
+    "REPOINDEX_DB_POOL_TIMEOUT": "10",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:  # pragma: no cover
+        raise pytest.UsageError("run the suite in one process")
+    tmp = Path(tempfile.mkdtemp(prefix="repoindex-tests-"))
+    _stack.callback(_rmtree, tmp)
+    name = f"repoindex_test_{uuid.uuid4().hex[:10]}"
+    endpoints = _stack.enter_context(devservices.services(name, private_redis=True, drop=True))
+    (tmp / "roots").mkdir()
+    env = {"REDIS_URL": endpoints.redis_url, "DATABASE_URL": endpoints.database_url,
+           "REPOINDEX_ROOTS": str(tmp / "roots"), "REPOINDEX_TEMP_DIR": str(tmp / "work"),
+           **TEST_ENV}
+    os.environ.update(env)
+    SESSION.update(tmp=tmp, endpoints=endpoints, env=env)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _stack.close()
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_env() -> dict[str, str]:
+    return dict(SESSION["env"])
+
+
+@pytest.fixture(scope="session")
+def roots() -> Path:
+    return Path(SESSION["tmp"]) / "roots"
+
+
+@pytest.fixture(scope="session")
+def temp_root() -> Path:
+    return Path(SESSION["tmp"]) / "work"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> devservices.RedisServer:
+    server = SESSION["endpoints"].redis_server
+    assert server is not None
+    return server  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def db() -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def celery_app() -> Any:
+    from workers.app import app
+
+    return app
+
+
+def start_worker(name: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> WorkerProcess:
+    """A real ``celery worker`` running the product app plus the probe tasks."""
+    log = Path(SESSION["tmp"]) / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    full_env = {**os.environ, **(env or {})}
+    return WorkerProcess(full_env, name=f"{name}-{uuid.uuid4().hex[:6]}", log_path=log,
+                         concurrency=concurrency, app="tests.app", args=args).start()
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[WorkerProcess]:
+    """One long-lived worker (2 prefork children) shared by the functional tests."""
+    proc = start_worker("shared")
+    yield proc
+    assert proc.stop() == 0
+
+
+def run(app: Any, task: str, timeout: float = 120, **kwargs: Any) -> Any:
+    """Send ``task`` by name and wait; returns the AsyncResult (not raising on failure)."""
+    result = app.send_task(task, kwargs=kwargs)
+    result.get(timeout=timeout, propagate=False)
+    return result
+
+
+@pytest.fixture(autouse=True)
+def leak_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test leaves no fds, threads or temp areas behind in the test process."""
+    fds_before = {t for _, t in open_fds() if not t.startswith(("socket:", "anon_inode:"))}
+    threads_before = {t.ident for t in threading.enumerate()}
+    yield
+    fds_after = {t for _, t in open_fds() if not t.startswith(("socket:", "anon_inode:"))}
+    new_threads = [t.name for t in threading.enumerate()
+                   if t.ident not in threads_before and t.is_alive()]
+    leaked = sorted(fds_after - fds_before - {"/dev/null"})
+    assert not leaked, f"test leaked fds: {leaked}"
+    assert not new_threads, f"test leaked threads: {new_threads}"
