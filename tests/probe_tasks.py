@@ -114,10 +114,12 @@ def sleep(self: OperationTask, seconds: float, tag: str = "") -> dict[str, Any]:
 
 
 @shared_task(name="probe.state")
-def state() -> dict[str, Any]:
-    """This child's view of itself (not an operation: no scope of its own)."""
+def state(hold: float = 0.0) -> dict[str, Any]:
+    """This child's view of itself (not an operation: no scope of its own). ``hold`` keeps
+    the child busy afterwards so that a batch of these reaches every child."""
     rt = runtime.current()
     gc.collect()
+    time.sleep(hold)
     return {
         "pid": os.getpid(),
         "fds": sorted(open_fds()),

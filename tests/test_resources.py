@@ -71,10 +71,9 @@ def test_cleanup_failure_without_operation_error_is_reported_not_raised() -> Non
 def test_system_exit_triggers_full_cleanup(tmp_path: Path) -> None:
     """SystemExit (billiard's soft shutdown) and KeyboardInterrupt run every release step."""
     for exc_type in (SystemExit, KeyboardInterrupt):
-        with pytest.raises(exc_type):
-            with ResourceManager("op4", temp_root=tmp_path) as rm:
-                fh = rm.open_file(tmp_path / "f", "w")
-                raise exc_type()
+        with pytest.raises(exc_type), ResourceManager("op4", temp_root=tmp_path) as rm:
+            fh = rm.open_file(tmp_path / "f", "w")
+            raise exc_type()
         assert fh.closed
         assert rm.report is not None and rm.report.outcome == "interrupted"
 
@@ -129,12 +128,11 @@ def test_live_counts_and_pruning_of_resources_closed_by_the_operation(tmp_path: 
 
 def test_connection_rolled_back_and_returned(database: Database) -> None:
     """An uncommitted transaction is rolled back and the connection goes back to the pool."""
-    with pytest.raises(RuntimeError):
-        with ResourceManager("op10", pool=database.pool) as rm:
-            conn = rm.connection()
-            conn.execute("CREATE TEMP TABLE t_rollback (x int)")
-            assert database.stats()["checked_out"] == 1
-            raise RuntimeError("fail with a transaction open")
+    with pytest.raises(RuntimeError), ResourceManager("op10", pool=database.pool) as rm:
+        conn = rm.connection()
+        conn.execute("CREATE TEMP TABLE t_rollback (x int)")
+        assert database.stats()["checked_out"] == 1
+        raise RuntimeError("fail with a transaction open")
     assert database.stats()["checked_out"] == 0
     with database.connection() as again:
         assert again.info.transaction_status == 0
