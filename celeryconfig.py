@@ -6,8 +6,6 @@ The shutdown, delivery and memory policy of the fleet is written here as data; R
 
 from __future__ import annotations
 
-import os
-
 from workers.settings import Settings
 
 _settings = Settings.from_env()
@@ -37,11 +35,11 @@ result_expires = 7 * 24 * 3600
 # Redis redelivers a message that was taken but never acked after this many seconds
 # (a worker that vanished without returning it). Longer than the longest operation.
 broker_transport_options = {
-    "visibility_timeout": int(os.environ.get("REPOINDEX_VISIBILITY_TIMEOUT", "3600")),
+    "visibility_timeout": _settings.visibility_timeout,
 }
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
-worker_concurrency = int(os.environ.get("REPOINDEX_CONCURRENCY", "0")) or None
+worker_concurrency = _settings.concurrency or None
 worker_hijack_root_logger = False
 worker_send_task_events = True
 task_send_sent_event = True

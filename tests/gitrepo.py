@@ -44,12 +44,14 @@ def generated(repo: Path, files: int = 2000, *, large_bytes: int = 200_000,
     """A repository of ``files`` text files plus one of every special case.
 
     File contents differ by ``seed`` (default: the directory name), so that blobs are not
-    shared with other generated repositories. Returns the expected kind of each special path (everything else is ``text``).
+    shared with other generated repositories. Returns the expected kind of each special
+    path (everything else is ``text``).
     """
     init(repo)
     for i in range(files):
         write(repo / f"pkg{i % 10}" / f"sub{i % 7}" / f"module_{i}.py",
-              f"# module {i} {seed or repo.name}\n" + "".join(f"def f{j}():\n    return {i * j}\n" for j in range(8)))
+              f"# module {i} {seed or repo.name}\n"
+              + "".join(f"def f{j}():\n    return {i * j}\n" for j in range(8)))
     special = {
         "bin/blob.bin": "binary", "bin/image.png": "binary", "empty.txt": "text",
         "docs/empty.md": "text", "big/large.txt": "too_large", "links/passwd": "symlink",

@@ -48,12 +48,12 @@ def test_failing_step_does_not_skip_others_or_mask_error(tmp_path: Path,
     def boom() -> None:
         raise OSError("disk on fire")
 
-    with pytest.raises(ValueError, match="the operation failed") as info:
-        with ResourceManager("op2") as rm:
-            rm.track("files", object(), lambda: released.append("first"), lambda: True)
-            rm.track("temp", object(), boom, lambda: True, label="bad")
-            rm.track("processes", object(), lambda: released.append("last"), lambda: True)
-            raise ValueError("the operation failed")
+    with pytest.raises(ValueError, match="the operation failed") as info, \
+            ResourceManager("op2") as rm:
+        rm.track("files", object(), lambda: released.append("first"), lambda: True)
+        rm.track("temp", object(), boom, lambda: True, label="bad")
+        rm.track("processes", object(), lambda: released.append("last"), lambda: True)
+        raise ValueError("the operation failed")
     assert released == ["last", "first"]
     assert rm.report is not None and rm.report.outcome == "failed"
     assert rm.report.failures == [("temp", "bad", "OSError('disk on fire')")]
@@ -62,7 +62,7 @@ def test_failing_step_does_not_skip_others_or_mask_error(tmp_path: Path,
 
 
 def test_cleanup_failure_without_operation_error_is_reported_not_raised() -> None:
-    """A successful operation whose cleanup fails is logged at WARNING, not turned into a failure."""
+    """A successful operation whose failing cleanup is logged at WARNING, not failed."""
     with ResourceManager("op3") as rm:
         rm.track("files", object(), lambda: (_ for _ in ()).throw(OSError("x")), lambda: True)
     assert rm.report is not None and len(rm.report.failures) == 1
@@ -217,7 +217,8 @@ def test_report_line_format(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="repoindex.cleanup")
     with ResourceManager("job-1", repo="demo"):
         pass
-    assert "cleanup op=job-1 repo=demo outcome=succeeded files=0 connections=0 temp=0" in caplog.text
+    expected = "cleanup op=job-1 repo=demo outcome=succeeded files=0 connections=0 temp=0"
+    assert expected in caplog.text
 
 
 def test_safe_name() -> None:

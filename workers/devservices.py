@@ -125,26 +125,31 @@ class RedisServer:
 
 
 class PostgresServer:
-    """A throwaway PostgreSQL cluster (run as an unprivileged user when we are root)."""
+    """A throwaway PostgreSQL cluster (run as an unprivileged user when we are root).
+
+    Its data directory is made with ``mkdtemp`` in the system temp directory rather than
+    under ``directory``: the unprivileged user must be able to reach it, and a test's own
+    temp tree is often private to root. ``stop()`` removes it.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.data = directory / "pgdata"
+        self.data = Path(tempfile.mkdtemp(prefix="repoindex-pg-"))
         self.port = free_port()
         self.url = f"postgresql://repoindex@127.0.0.1:{self.port}/postgres"
         self._runas: list[str] = []
 
     def _run(self, *argv: str) -> None:
-        subprocess.run([*self._runas, *argv], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
+        done = subprocess.run([*self._runas, *argv], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:
+            raise ConfigError(f"{Path(argv[0]).name} failed: {done.stderr.strip()[-500:]}")
 
     def start(self) -> PostgresServer:
         initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             user = "postgres" if _user_exists("postgres") else "nobody"
             self._runas = ["runuser", "-u", user, "--"]
-            os.chmod(self.directory, 0o755)
-            self.data.mkdir()
             shutil.chown(self.data, user)
         self._run(initdb, "-D", str(self.data), "-U", "repoindex", "--auth=trust", "-E", "UTF8")
         self._run(pg_ctl, "-D", str(self.data), "-w", "-l", str(self.data / "server.log"),
@@ -152,9 +157,10 @@ class PostgresServer:
         return self
 
     def stop(self) -> None:
-        if self.data.exists():
-            with contextlib.suppress(subprocess.CalledProcessError):
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(ConfigError):
                 self._run(find_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 def _user_exists(name: str) -> bool:

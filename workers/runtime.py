@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from workers import ledger
+from workers import alerts, ledger
 from workers.db import Database, migrate
 from workers.resources import ResourceManager
 from workers.sentinel import Sentinel
@@ -77,10 +77,12 @@ class Runtime:
             checked_out=lambda: self.db.stats()["checked_out"],
             exempt_sockets=lambda: self.db.pool_sockets,
             endpoints=redis_endpoints(settings.redis_url, settings.result_backend),
+            report=alerts.report_leak,
         )
         self._schema_ready = False
 
     def start(self) -> Runtime:
+        alerts.init(self.settings.sentry_dsn)
         self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
         sweep_temp(self.settings.temp_dir)
         self.db.open(wait=False)

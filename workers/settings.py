@@ -29,6 +29,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("REPOINDEX_MAX_FILES", "200000", "A tree with more entries fails with a clear error."),
     ("REPOINDEX_TEMP_DIR", "$TMPDIR/repoindex", "Where operations put temp files and clones."),
     ("REPOINDEX_GIT_TIMEOUT", "600", "Seconds a git process may run before it is killed."),
+    ("REPOINDEX_CONCURRENCY", "(CPU count)", "Prefork children per worker replica."),
+    ("REPOINDEX_VISIBILITY_TIMEOUT", "3600",
+     "Seconds before Redis redelivers a job taken by a worker that vanished (SIGKILL)."),
     ("REPOINDEX_MAX_LOST", "3",
      "A job whose worker process died this many times is failed instead of run again."),
     ("REPOINDEX_DB_POOL_MIN", "1", "Connections each worker child keeps open."),
@@ -72,6 +75,8 @@ class Settings:
     max_files: int = 200_000
     temp_dir: Path = Path(tempfile.gettempdir()) / "repoindex"
     git_timeout: int = 600
+    concurrency: int = 0  # 0: Celery's default (number of CPUs)
+    visibility_timeout: int = 3600
     max_lost: int = 3
     pool_min: int = 1
     pool_max: int = 2
@@ -104,6 +109,8 @@ class Settings:
             max_files=_int(env, "REPOINDEX_MAX_FILES", 200_000, minimum=1),
             temp_dir=Path(temp_raw).resolve() if temp_raw else cls.temp_dir,
             git_timeout=_int(env, "REPOINDEX_GIT_TIMEOUT", 600, minimum=1),
+            concurrency=_int(env, "REPOINDEX_CONCURRENCY", 0),
+            visibility_timeout=_int(env, "REPOINDEX_VISIBILITY_TIMEOUT", 3600, minimum=1),
             max_lost=_int(env, "REPOINDEX_MAX_LOST", 3, minimum=1),
             pool_min=pool_min,
             pool_max=pool_max,

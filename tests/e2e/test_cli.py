@@ -1,0 +1,113 @@
+"""The repoindex CLI against a real worker: every command, human and --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tasks.cli import main
+from tests import gitrepo
+from workers.launcher import WorkerProcess
+
+
+def last_json(output: str) -> Any:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cli_repo(roots: Path) -> Path:
+    repo = gitrepo.init(roots / "cli-repo")
+    gitrepo.write(repo / "src/app.py", "def handler():\n    return 'needle-in-cli'\n")
+    gitrepo.write(repo / "README.md", "# cli repo\n")
+    gitrepo.commit(repo)
+    return repo
+
+
+def test_enqueue_wait_status_repos_search(worker: WorkerProcess, cli_repo: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(main, ["enqueue", str(cli_repo), "--name", "cli", "--wait", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = last_json(out.output)
+    assert doc["state"] == "SUCCESS" and doc["result"]["files"] == 2
+    status = runner.invoke(main, ["status", doc["id"], "--json"])
+    assert last_json(status.output) == {"id": doc["id"], "state": "SUCCESS",
+                                        "result": doc["result"]}
+    human = runner.invoke(main, ["status", doc["id"]])
+    assert f"{doc['id']} SUCCESS" in human.output
+    repos = last_json(runner.invoke(main, ["repos", "--json"]).output)
+    cli = next(r for r in repos if r["name"] == "cli")
+    assert cli["files"] == 2 and cli["source"] == str(cli_repo) and len(cli["commit"]) == 40
+    assert "cli\t2 files" in runner.invoke(main, ["repos"]).output
+    found = last_json(runner.invoke(main, ["search", "needle-in-cli", "--json"]).output)
+    assert found == [{"repo": "cli", "path": "src/app.py", "line": 2,
+                      "text": "    return 'needle-in-cli'"}]
+    plain = runner.invoke(main, ["search", "needle-in-.li", "--regex", "--repo", "cli"])
+    assert plain.output.strip() == "cli:src/app.py:2:     return 'needle-in-cli'"
+    bad = runner.invoke(main, ["search", "(", "--regex"])
+    assert bad.exit_code != 0 and "invalid regular expression" in bad.output
+
+
+def test_enqueue_failure_and_no_wait(worker: WorkerProcess) -> None:
+    runner = CliRunner()
+    out = runner.invoke(main, ["enqueue", "/nope", "--wait", "--json"])
+    assert out.exit_code == 1
+    doc = last_json(out.output)
+    assert doc["state"] == "FAILURE" and "outside the allowed roots" in doc["error"]
+    human = runner.invoke(main, ["enqueue", "/nope", "--wait"])
+    assert "FAILURE: source '/nope' is outside the allowed roots" in human.output
+    queued = last_json(runner.invoke(main, ["enqueue", "/nope", "--json"]).output)
+    assert queued["state"] == "PENDING" and len(queued["id"]) == 36
+
+
+def test_status_of_unknown_job_and_ledger_fallback(worker: WorkerProcess, db: Any) -> None:
+    runner = CliRunner()
+    unknown = last_json(runner.invoke(main, ["status", "no-such-job", "--json"]).output)
+    assert unknown == {"id": "no-such-job", "state": "PENDING"}
+    db.execute("INSERT INTO runs (job_id, task, attempt, state, error) VALUES"
+               " ('expired-job', 'repoindex.index_repository', 1, 'failed', 'gone wrong')")
+    doc = last_json(runner.invoke(main, ["status", "expired-job", "--json"]).output)
+    assert doc == {"id": "expired-job", "state": "FAILURE", "ledger": "failed",
+                   "error": "gone wrong"}
+
+
+def test_delete_and_migrate(worker: WorkerProcess, cli_repo: Path) -> None:
+    runner = CliRunner()
+    runner.invoke(main, ["enqueue", str(cli_repo), "--name", "to-delete", "--wait"])
+    doc = last_json(runner.invoke(main, ["delete", "to-delete", "--json"]).output)
+    assert doc["result"]["deleted"] is True
+    assert "schema is current" in runner.invoke(main, ["migrate"]).output
+
+
+def test_demo_runs_end_to_end(session_env: dict[str, str], tmp_path: Path) -> None:
+    """The quick start's main job, as a user runs it (services from the environment)."""
+    # Redis database 1: the demo's jobs must reach the demo's workers, not the shared one.
+    redis_url = session_env["REDIS_URL"].rsplit("/", 1)[0] + "/1"
+    env = {**os.environ, **session_env, "REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--json"], env=env,
+                         capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = last_json(out.stdout)
+    assert report["ok"] and report["exit_codes"] == [0, 0]
+    assert report["job"]["result"]["files"] > 20
+    assert any("ResourceManager" in m["text"] for m in report["matches"])
+
+
+def test_worker_command_execs_celery(session_env: dict[str, str], tmp_path: Path) -> None:
+    exe = shutil.which("repoindex") or str(Path(sys.executable).parent / "repoindex")
+    log = tmp_path / "w.log"
+    proc = WorkerProcess({**os.environ, **session_env}, name="cliworker", log_path=log,
+                         concurrency=1)
+    proc.argv = [exe, "worker", "--pool", "prefork", "-c", "1", "-n", "cliworker@%h",
+                 "--without-mingle", "--without-gossip"]
+    proc.start()
+    assert proc.stop() == 0
+    assert "cliworker@" in log.read_text()

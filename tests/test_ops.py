@@ -1,0 +1,108 @@
+"""Deployment files and services: compose parses, migrations are idempotent and safe in
+parallel, throwaway servers start from the binaries on PATH."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from workers import devservices
+from workers.db import migrate
+from workers.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_file_parses(tmp_path: Path) -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    env = {**os.environ, "FLOWER_PASSWORD": "x"}
+    out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config",
+                          "-q"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    env.pop("FLOWER_PASSWORD")
+    refused = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"),
+                              "config", "-q"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode != 0 and "FLOWER_PASSWORD" in refused.stderr
+
+
+def test_migrations_idempotent_and_concurrent(tmp_path: Path) -> None:
+    """Five migrators at once on a fresh database: each migration applied exactly once."""
+    admin = devservices.with_database(os.environ["DATABASE_URL"], "postgres")
+    name = f"repoindex_mig_{os.getpid()}"
+    url = devservices.create_database(admin, name)
+    try:
+        applied: list[list[str]] = []
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    applied.append(migrate(conn))
+            except BaseException as exc:  # collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(len(a) for a in applied) == [0, 0, 0, 0, 1]
+        with psycopg.connect(url) as conn:
+            assert migrate(conn) == []
+    finally:
+        devservices.drop_database(admin, name)
+
+
+def test_throwaway_postgres_and_redis(tmp_path: Path) -> None:
+    """The fallback a fresh machine gets: servers from the binaries on PATH, then removed."""
+    redis_server = devservices.RedisServer(tmp_path).start()
+    try:
+        assert devservices.redis_answers(redis_server.url)
+        redis_server.restart()
+        assert devservices.redis_answers(redis_server.url)
+    finally:
+        redis_server.stop()
+    assert not devservices.redis_answers(redis_server.url)
+    pg = devservices.PostgresServer(tmp_path)
+    try:
+        pg.start()
+        url = devservices.create_database(pg.url, "throwaway")
+        with psycopg.connect(url) as conn:
+            assert migrate(conn) == ["001_schema"]
+    finally:
+        pg.stop()
+    assert not devservices.postgres_answers(pg.url)
+
+
+def test_services_prefers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://configured:1/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://configured/db")
+    with devservices.services("unused") as ep:
+        assert (ep.redis_url, ep.database_url, ep.started) == \
+            ("redis://configured:1/0", "postgresql://configured/db", [])
+
+
+def test_missing_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="apt-get install redis-server"):
+        devservices.find_binary("redis-server")
+
+
+def test_stats_of_unopened_database() -> None:
+    from workers.db import Database
+    from workers.settings import Settings
+
+    db: Any = Database(Settings.from_env())
+    assert db.stats()["checked_out"] == 0
+    db.close()
+    with pytest.raises(Exception, match="closed"):
+        db.open()

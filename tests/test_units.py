@@ -1,0 +1,150 @@
+"""Small pure pieces: classification, settings, scrubbing, logging, search input."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tasks.classify import classify, decode_path, language
+from tasks.search import like_pattern, search
+from workers import logs
+from workers.errors import BadInput, CleanupError, ConfigError
+from workers.ledger import error_text
+from workers.scrub import scrub
+from workers.settings import VARIABLES, Settings
+
+
+def test_classify() -> None:
+    assert classify(b"a\x00b").binary
+    assert classify(b"x" * 9000 + b"\x00").binary  # NUL past git's 8000 bytes: still binary
+    text = classify(b"one\ntwo")
+    assert (text.binary, text.lines, text.lossy, text.text) == (False, 2, False, "one\ntwo")
+    assert classify(b"").lines == 0
+    assert classify(b"a\n").lines == 1
+    lossy = classify(b"caf\xe9\n")
+    assert lossy.lossy and lossy.text == "caf\ufffd\n"
+
+
+def test_language_and_paths() -> None:
+    assert language("a.py") == "python"
+    assert language("Makefile") == "makefile"
+    assert language("notes.txt") == "text"
+    assert language("blob.weird") is None
+    assert decode_path(b"caf\xc3\xa9") == "café"
+    assert decode_path(b"bad\xff") == "bad\\xff"
+
+
+def test_settings_from_env(tmp_path: Path) -> None:
+    s = Settings.from_env({"REPOINDEX_ROOTS": f"{tmp_path}:{tmp_path}/b",
+                           "REPOINDEX_MAX_FILE_BYTES": "10", "REPOINDEX_LOG_FORMAT": "JSON",
+                           "REDIS_URL": "redis://h:1/2"})
+    assert s.roots == (tmp_path, tmp_path / "b")
+    assert s.max_file_bytes == 10 and s.log_format == "json"
+    assert s.result_backend == "redis://h:1/2"
+    assert Settings.from_env({}).roots == ()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"REPOINDEX_MAX_FILE_BYTES": "lots"}, "must be an integer"),
+    ({"REPOINDEX_DB_POOL_MAX": "0"}, "must be >= 1"),
+    ({"REPOINDEX_DB_POOL_MIN": "3", "REPOINDEX_DB_POOL_MAX": "2"}, "must not exceed"),
+    ({"REPOINDEX_LOG_FORMAT": "xml"}, "text or json"),
+])
+def test_settings_refuse_bad_values(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_every_variable_is_documented_in_readme() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, _, _ in VARIABLES:
+        assert f"`{name}`" in readme, name
+
+
+def test_scrub() -> None:
+    assert scrub("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
+    assert scrub("postgresql://u:p%40ss@db/x failed") == "postgresql://u:***@db/x failed"
+    assert scrub("host=db password=secret user=x") == "host=db password=*** user=x"
+    assert scrub("https://github.com/org/repo") == "https://github.com/org/repo"
+
+
+def test_error_text() -> None:
+    assert error_text(None) is None
+    assert error_text(BadInput("clear")) == "clear"
+    assert error_text(ValueError("a\nb")) == "ValueError: a"
+    assert error_text(RuntimeError()) == "RuntimeError"
+    assert "returned to the queue" in (error_text(SystemExit()) or "")
+    assert "cleanup step(s) failed" in str(CleanupError([("files", OSError("x"))]))
+
+
+def test_json_logs_carry_context(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        logs.configure("INFO", "json")
+        with logs.bound(job="j1"):
+            logs.bind(repo="r1")
+            logging.getLogger("repoindex.test").info("hello %s", "there")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        doc = json.loads(line)
+        assert (doc["message"], doc["job"], doc["repo"], doc["level"]) == \
+            ("hello there", "j1", "r1", "INFO")
+        logs.configure("INFO", "text")
+        logging.getLogger("repoindex.test").warning("plain")
+        assert "WARNING" in capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_like_pattern_escapes_wildcards() -> None:
+    assert like_pattern("50%_a\\b") == "%50\\%\\_a\\\\b%"
+
+
+def test_search_input_errors(db: psycopg.Connection[Any]) -> None:
+    from workers.db import migrate
+
+    migrate(db)
+    with pytest.raises(BadInput, match="must not be empty"):
+        search(db, "")
+    with pytest.raises(BadInput, match="limit"):
+        search(db, "x", limit=0)
+    with pytest.raises(BadInput, match="invalid regular expression"):
+        search(db, "(unclosed", regex=True)
+    assert search(db, "'; DROP TABLE blobs; --") == []
+    assert search(db, "%") == []  # a literal percent sign, not a wildcard
+
+
+def test_leak_reaches_sentry_fingerprinted_by_kind() -> None:
+    """With a DSN, a leak becomes one warning event fingerprinted by kind (no network)."""
+    import sentry_sdk
+    from sentry_sdk.transport import Transport
+
+    from workers import alerts
+    from workers.sentinel import Leak
+
+    events: list[dict[str, Any]] = []
+
+    class Capture(Transport):
+        def capture_envelope(self, envelope: Any) -> None:
+            events.extend(item.payload.json for item in envelope.items if item.payload.json)
+
+    alerts.report_leak(Leak("fd", "fd=3 target=/x"), "op0")  # inactive: nothing, no error
+    assert alerts.init("") is False
+    assert alerts.init("http://key@127.0.0.1:9/1", transport=Capture) is True
+    try:
+        alerts.report_leak(Leak("fd", "fd=3 target=/x"), "op1")
+        sentry_sdk.capture_message("failed redis://:secret@h:1/0")
+        sentry_sdk.flush()
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.init()  # back to a disabled client
+    leak = next(e for e in events if e.get("level") == "warning")
+    assert leak["fingerprint"] == ["repoindex-leak", "fd"]
+    assert leak["tags"]["op"] == "op1"
+    assert any(e.get("message") == "failed redis://:***@h:1/0" for e in events)

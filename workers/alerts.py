@@ -1,0 +1,45 @@
+"""Sentry: task errors (Celery integration) and leak warnings, one issue per leak kind.
+
+Initialised in each process that runs operations (after fork) and in the main process;
+a no-op without ``SENTRY_DSN``. Events are scrubbed of credentials before they leave.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sentry_sdk
+
+from workers.scrub import scrub
+from workers.sentinel import Leak
+
+
+def _scrub_event(event: Any, hint: Any) -> Any:
+    for exc in (event.get("exception") or {}).get("values") or []:
+        if isinstance(exc.get("value"), str):
+            exc["value"] = scrub(exc["value"])
+    if isinstance(event.get("message"), str):
+        event["message"] = scrub(event["message"])
+    return event
+
+
+def init(dsn: str, **options: Any) -> bool:
+    """Start Sentry when ``dsn`` is set; returns whether it is on."""
+    if not dsn:
+        return False
+    from sentry_sdk.integrations.celery import CeleryIntegration
+
+    sentry_sdk.init(dsn=dsn, integrations=[CeleryIntegration()],
+                    before_send=_scrub_event, **options)
+    return True
+
+
+def report_leak(leak: Leak, op_id: str) -> None:
+    """A warning event fingerprinted by kind, so one kind of leak is one Sentry issue."""
+    if not sentry_sdk.get_client().is_active():
+        return
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["repoindex-leak", leak.kind]
+        scope.set_tag("leak_kind", leak.kind)
+        scope.set_tag("op", op_id)
+        sentry_sdk.capture_message(f"leak kind={leak.kind} {leak.detail}", level="warning")
