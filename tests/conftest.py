@@ -94,12 +94,14 @@ def celery_app() -> Any:
 
 
 def start_worker(name: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> WorkerProcess:
-    """A real ``celery worker`` running the product app plus the probe tasks."""
-    log = Path(SESSION["tmp"]) / f"{name}-{uuid.uuid4().hex[:6]}.log"
+                 args: tuple[str, ...] = (), queue: str | None = None) -> WorkerProcess:
+    """A real ``celery worker`` running the product app plus the probe tasks; with
+    ``queue`` it consumes only that queue, so no other test's worker takes its jobs."""
+    unique = f"{name}-{uuid.uuid4().hex[:6]}"
+    log = Path(SESSION["tmp"]) / f"{unique}.log"
     full_env = {**os.environ, **(env or {})}
-    return WorkerProcess(full_env, name=f"{name}-{uuid.uuid4().hex[:6]}", log_path=log,
-                         concurrency=concurrency, app="tests.app", args=args).start()
+    return WorkerProcess(full_env, name=unique, log_path=log, concurrency=concurrency,
+                         app="tests.app", args=args, queue=queue).start()
 
 
 @pytest.fixture(scope="session")
@@ -110,9 +112,10 @@ def worker() -> Iterator[WorkerProcess]:
     assert proc.stop() == 0
 
 
-def run(app: Any, task: str, timeout: float = 120, **kwargs: Any) -> Any:
+def run(app: Any, task: str, timeout: float = 120, queue: str | None = None,
+        **kwargs: Any) -> Any:
     """Send ``task`` by name and wait; returns the AsyncResult (not raising on failure)."""
-    result = app.send_task(task, kwargs=kwargs)
+    result = app.send_task(task, kwargs=kwargs, queue=queue)
     result.get(timeout=timeout, propagate=False)
     return result
 

@@ -116,8 +116,9 @@ def test_search_input_errors(db: psycopg.Connection[Any]) -> None:
         search(db, "x", limit=0)
     with pytest.raises(BadInput, match="invalid regular expression"):
         search(db, "(unclosed", regex=True)
-    assert search(db, "'; DROP TABLE blobs; --") == []
-    assert search(db, "%") == []  # a literal percent sign, not a wildcard
+    assert search(db, "'; DROP TABLE blobs; --", repo="no-such-repo") == []
+    assert search(db, "%", repo="no-such-repo") == []  # a literal percent sign
+    assert db.execute("SELECT count(*) >= 0 FROM blobs").fetchone() == (True,)
 
 
 def test_leak_reaches_sentry_fingerprinted_by_kind() -> None:
@@ -140,6 +141,10 @@ def test_leak_reaches_sentry_fingerprinted_by_kind() -> None:
     try:
         alerts.report_leak(Leak("fd", "fd=3 target=/x"), "op1")
         sentry_sdk.capture_message("failed redis://:secret@h:1/0")
+        try:
+            raise ValueError("cannot reach postgresql://u:pw@db/x")
+        except ValueError:
+            sentry_sdk.capture_exception()
         sentry_sdk.flush()
     finally:
         sentry_sdk.get_client().close()
@@ -148,3 +153,5 @@ def test_leak_reaches_sentry_fingerprinted_by_kind() -> None:
     assert leak["fingerprint"] == ["repoindex-leak", "fd"]
     assert leak["tags"]["op"] == "op1"
     assert any(e.get("message") == "failed redis://:***@h:1/0" for e in events)
+    values = [v["value"] for e in events for v in (e.get("exception") or {}).get("values", [])]
+    assert values == ["cannot reach postgresql://u:***@db/x"]

@@ -19,14 +19,16 @@ class WorkerProcess:
     """One worker replica: ``celery -A workers.app worker`` in its own process group."""
 
     def __init__(self, env: Mapping[str, str], *, name: str, log_path: Path,
-                 concurrency: int = 2, args: Sequence[str] = (), app: str = "workers.app"
-                 ) -> None:
+                 concurrency: int = 2, args: Sequence[str] = (), app: str = "workers.app",
+                 queue: str | None = None) -> None:
         self.env = dict(env)
         self.name = name
         self.log_path = log_path
+        self.queue = queue  # consume only this queue (None: Celery's default queue)
         self.argv = [sys.executable, "-m", "celery", "-A", app, "worker",
                      "--pool", "prefork", "-c", str(concurrency), "-n", f"{name}@%h",
-                     "--without-mingle", "--without-gossip", *args]
+                     "--without-mingle", "--without-gossip", *(("-Q", queue) if queue else ()),
+                     *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, ready_timeout: float = 60.0) -> WorkerProcess:
@@ -62,21 +64,11 @@ class WorkerProcess:
         except psutil.NoSuchProcess:
             return []
 
-    def signal(self, sig: int = signal.SIGTERM, *, group: bool = False) -> None:
-        if group:
-            os.killpg(self.pid, sig)
-        else:
-            os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait; SIGKILL the whole group if it does not exit in ``timeout``."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
-        self.signal(signal.SIGTERM)
+        os.kill(self.pid, signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

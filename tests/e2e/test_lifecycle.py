@@ -57,11 +57,21 @@ def server_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
                       " 'repoindex' AND state <> 'idle' GROUP BY state").fetchall()
 
 
+def queue_of(worker: WorkerProcess) -> str:
+    assert worker.queue is not None
+    return worker.queue
+
+
+def send(app: Any, worker: WorkerProcess, task: str, **kwargs: Any) -> Any:
+    """Send to ``worker``'s own queue: the session's shared worker must not take it."""
+    return app.send_task(task, kwargs=kwargs, queue=queue_of(worker))
+
+
 def inside_states(app: Any, worker: WorkerProcess) -> dict[int, dict[str, Any]]:
     """probe.state from every child of ``worker`` (batches until each pid has answered)."""
     wanted, seen = set(worker.children()), {}
     for _ in range(10):
-        batch = [app.send_task("probe.state", kwargs={"hold": 0.3})
+        batch = [send(app, worker, "probe.state", hold=0.3)
                  for _ in range(2 * len(wanted))]
         for r in batch:
             state = r.get(timeout=60)
@@ -75,7 +85,7 @@ def warm_up(app: Any, worker: WorkerProcess) -> None:
     """First operations open lazy connections (result backend, pool): not leaks. Each
     child must run one, so they are sent at once and each holds its child a moment."""
     n = 2 * len(worker.children())
-    results = [app.send_task("probe.everything", kwargs={"tag": f"warm{i}", "sleep": 0.3})
+    results = [send(app, worker, "probe.everything", tag=f"warm{i}", sleep=0.3)
                for i in range(n)]
     for r in results:
         r.get(timeout=60)
@@ -91,7 +101,7 @@ def probe_table() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lifecycle_worker(probe_table: None) -> Iterator[WorkerProcess]:
-    proc = start_worker("lifecycle", concurrency=2)
+    proc = start_worker("lifecycle", concurrency=2, queue="lifecycle")
     yield proc
     assert proc.stop() == 0
 
@@ -106,7 +116,7 @@ def test_scenario1_fifty_files_back_to_baseline(lifecycle_worker: WorkerProcess,
     """After operations that open 50 files each, every child's fds equal its baseline."""
     warm_up(celery_app, lifecycle_worker)
     baseline = fleet_state(lifecycle_worker, temp_root)
-    jobs = [celery_app.send_task("probe.open_files", kwargs={"n": 50}) for _ in range(6)]
+    jobs = [send(celery_app, lifecycle_worker, "probe.open_files", n=50) for _ in range(6)]
     results = [j.get(timeout=60) for j in jobs]
     assert all(r["live"]["files"] == 50 for r in results)
     assert_same(fleet_state(lifecycle_worker, temp_root), baseline)
@@ -120,7 +130,7 @@ def test_scenario2_failure_releases_everything(lifecycle_worker: WorkerProcess, 
     failure: all released, transaction rolled back, error and cleanup logged and recorded."""
     warm_up(celery_app, lifecycle_worker)
     baseline = fleet_state(lifecycle_worker, temp_root)
-    res = run(celery_app, "probe.everything", tag="scenario2", fail_at="end")
+    res = run(celery_app, "probe.everything", queue="lifecycle", tag="scenario2", fail_at="end")
     assert res.state == "FAILURE" and "injected failure at end" in str(res.result)
     assert_same(fleet_state(lifecycle_worker, temp_root), baseline)
     assert db.execute("SELECT count(*) FROM probe_rows WHERE tag = 'scenario2'").fetchone() == (0,)
@@ -144,14 +154,13 @@ def test_scenario3_concurrent_operations_clean_only_their_own(
         probe_table: None, celery_app: Any, db: psycopg.Connection[Any],
         temp_root: Path) -> None:
     """5 operations at once, finishing in random order: all succeed, all back to baseline."""
-    worker = start_worker("concurrent", concurrency=5)
+    worker = start_worker("concurrent", concurrency=5, queue="concurrent")
     try:
         warm_up(celery_app, worker)
         baseline = fleet_state(worker, temp_root)
         rng = random.Random(7)
-        jobs = [celery_app.send_task("probe.everything",
-                                     kwargs={"tag": f"c{i}", "sleep": rng.uniform(0.2, 1.0)})
-                for i in range(5)]
+        jobs = [send(celery_app, worker, "probe.everything", tag=f"c{i}",
+                     sleep=rng.uniform(0.2, 1.0)) for i in range(5)]
         results = [j.get(timeout=60) for j in jobs]
         assert len({r["pid"] for r in results}) >= 3  # really concurrent, in several children
         assert all(r["live"]["connections"] == 1 and r["live"]["processes"] == 1
@@ -170,14 +179,16 @@ def test_scenario3_concurrent_operations_clean_only_their_own(
 
 def test_sentinel_catches_leaks(lifecycle_worker: WorkerProcess, celery_app: Any) -> None:
     """An operation that leaks an fd or a thread is named in a WARNING and counted."""
-    fd_job = run(celery_app, "probe.leak_fd")
-    thread_job = run(celery_app, "probe.leak_thread")
+    fd_job = run(celery_app, "probe.leak_fd", queue="lifecycle")
+    thread_job = run(celery_app, "probe.leak_thread", queue="lifecycle")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(leak_lines(lifecycle_worker)) < 2:
         time.sleep(0.1)
     log = lifecycle_worker.log()
+    assert fd_job.state == "SUCCESS" and thread_job.state == "SUCCESS"
+    mine = "\n".join(ln for ln in log.splitlines() if fd_job.id in ln or "Error" in ln)
     assert re.search(rf"leak op={fd_job.id} kind=fd fd={fd_job.result} target=\S+leaked-\d+\.txt",
-                     log)
+                     log), mine
     assert re.search(rf"leak op={thread_job.id} kind=thread thread=probe-leaked-thread", log)
     counts: dict[str, int] = {}
     for state in inside_states(celery_app, lifecycle_worker).values():
@@ -190,11 +201,11 @@ def test_thousand_operations_ten_percent_failing(probe_table: None, celery_app: 
                                                  db: psycopg.Connection[Any],
                                                  temp_root: Path) -> None:
     """1,000 operations, 10% failing at random points: every child exactly at baseline."""
-    worker = start_worker("thousand", concurrency=2)
+    worker = start_worker("thousand", concurrency=2, queue="thousand")
     try:
         warm_up(celery_app, worker)
         baseline = fleet_state(worker, temp_root)
-        jobs = [celery_app.send_task("probe.random_op", kwargs={"seed": s}) for s in range(1000)]
+        jobs = [send(celery_app, worker, "probe.random_op", seed=s) for s in range(1000)]
         states = [j.get(timeout=300, propagate=False) and j.state for j in jobs]
         expected_failures = sum(random.Random(s).random() < 0.1 for s in range(1000))
         assert states.count("FAILURE") == expected_failures

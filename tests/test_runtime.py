@@ -1,0 +1,124 @@
+"""The per-process runtime pieces in-process: temp sweep, ledger attempts, sentinel,
+pool state, the launcher's error paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from workers import ledger, runtime
+from workers.db import Database, migrate
+from workers.errors import ConfigError, LimitExceeded, ResourceError
+from workers.launcher import WorkerProcess
+from workers.sentinel import Leak, Sentinel
+from workers.settings import Settings
+
+
+def test_sweep_removes_only_areas_of_dead_processes(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name in (f"{dead.pid}-job", f"{os.getppid()}-job", "notapid-x", f"{os.getpid()}-old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("x")
+    removed = runtime.sweep_temp(tmp_path)
+    assert sorted(removed) == sorted([f"{dead.pid}-job", f"{os.getpid()}-old"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{os.getppid()}-job",
+                                                                 "notapid-x"])
+    assert runtime.sweep_temp(tmp_path / "missing") == []
+
+
+def test_redis_endpoints() -> None:
+    found = runtime.redis_endpoints("redis://127.0.0.1:6390/0", "redis+socket:///tmp/x.sock",
+                                    "redis://no-such-host.invalid:1/0")
+    assert found == frozenset({("127.0.0.1", 6390)})
+
+
+def test_ledger_marks_lost_attempts_and_gives_up(db: psycopg.Connection[Any]) -> None:
+    """A job whose previous attempts are still 'running' died with its process; after
+    max_lost such deaths it is failed, not run again."""
+    migrate(db)
+    job = f"lost-{os.getpid()}"
+    attempts = [ledger.start(db, job_id=job, task="t", max_lost=2) for _ in range(2)]
+    assert [a.attempt for a in attempts] == [1, 2]
+    with pytest.raises(LimitExceeded, match="died during the operation.*2 times; not retried"):
+        ledger.start(db, job_id=job, task="t", max_lost=2)
+    states = db.execute("SELECT state FROM runs WHERE job_id = %s ORDER BY id", (job,)).fetchall()
+    assert [s[0] for s in states] == ["lost", "lost", "failed"]
+
+
+def test_sentinel_reports_every_kind(tmp_path: Path) -> None:
+    """Working fakes for the pool count; real fds, threads, processes and temp entries."""
+    checked_out = [0]
+    reported: list[tuple[Leak, str]] = []
+    sentinel = Sentinel(temp_root=tmp_path, checked_out=lambda: checked_out[0],
+                        exempt_sockets=set, report=lambda leak, op: reported.append((leak, op)))
+    assert sentinel.after("never-started") == []
+    sentinel.before("op")
+    fh = open(tmp_path / "leaked.txt", "w")  # noqa: SIM115 - the leak under test
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="leaky")
+    thread.start()
+    proc = subprocess.Popen(["sleep", "30"])
+    (tmp_path / f"{os.getpid()}-op").mkdir()
+    checked_out[0] = 1
+    try:
+        kinds = sorted(leak.kind for leak in sentinel.after("op"))
+    finally:
+        fh.close()
+        stop.set()
+        thread.join()
+        proc.kill()
+        proc.wait()
+    assert kinds == ["connection", "fd", "process", "temp", "thread"]
+    assert {op for _, op in reported} == {"op"}
+    assert dict(sentinel.counts) == dict.fromkeys(kinds, 1)
+
+
+def test_database_state_machine() -> None:
+    db = Database(Settings.from_env())
+    with pytest.raises(ResourceError, match="pool is unopened"):
+        _ = db.pool
+    db.open(wait=True)
+    db.open()  # idempotent
+    assert db.pool_sockets  # the configure callback saw the pool's connection
+    db.close()
+    db.close()
+    with pytest.raises(ResourceError, match="was closed"):
+        db.open()
+
+
+def test_runtime_start_current_shutdown() -> None:
+    """Outside a prefork child the runtime starts on first use and shuts down cleanly."""
+    rt = runtime.current()
+    assert runtime.current() is rt
+    rt.ensure_schema()
+    runtime.shutdown()
+    runtime.shutdown()
+    assert rt.db.state.value == "closed"
+
+
+def test_launcher_reports_a_worker_that_cannot_start(tmp_path: Path) -> None:
+    proc = WorkerProcess(dict(os.environ), name="broken", log_path=tmp_path / "log",
+                         app="no_such_module_xyz")
+    with pytest.raises(ConfigError, match="worker broken exited"):
+        proc.start(ready_timeout=60)
+    assert proc.stop() != 0
+    assert proc.children() == []
+
+
+def test_launcher_timeout_and_kill(tmp_path: Path) -> None:
+    """A process that never logs 'ready' and ignores SIGTERM is killed by stop()."""
+    proc = WorkerProcess(dict(os.environ), name="stubborn", log_path=tmp_path / "log")
+    proc.argv = [sys.executable, "-c",
+                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                 "print('up', flush=True); time.sleep(60)"]
+    with pytest.raises(ConfigError, match="not logged within"):
+        proc.start(ready_timeout=1)
+    assert proc.stop(timeout=0.5) == -9
