@@ -47,7 +47,7 @@ def test_ledger_marks_lost_attempts_and_gives_up(db: psycopg.Connection[Any]) ->
     job = f"lost-{os.getpid()}"
     attempts = [ledger.start(db, job_id=job, task="t", max_lost=2) for _ in range(2)]
     assert [a.attempt for a in attempts] == [1, 2]
-    with pytest.raises(LimitExceeded, match="died during the operation.*2 times; not retried"):
+    with pytest.raises(LimitExceeded, match=r"died during the operation.*2 times; not retried"):
         ledger.start(db, job_id=job, task="t", max_lost=2)
     states = db.execute("SELECT state FROM runs WHERE job_id = %s ORDER BY id", (job,)).fetchall()
     assert [s[0] for s in states] == ["lost", "lost", "failed"]
