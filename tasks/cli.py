@@ -216,6 +216,52 @@ def demo(as_json: bool) -> None:
     sys.exit(0 if report["ok"] else 1)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks: tables of medians and ratios (not CI tests)."""
+
+
+@bench.command("index")
+@click.option("--files", default=10_000, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_index_cmd(files: int, runs: int, json_out: str | None) -> None:
+    """Full index vs the floor, no-change re-index, peak RSS growth (real worker)."""
+    from tasks.bench import bench_index, table, write_json
+
+    doc = bench_index(files, runs, click.echo)
+    med = doc["median"]
+    click.echo(table([
+        ("files", str(files)), ("runs (medians)", str(runs)),
+        ("full index, ours", f"{med['ours']:.2f} s ({doc['files_per_s']:.0f} files/s)"),
+        ("full index, floor", f"{med['floor']:.2f} s ({doc['floor_files_per_s']:.0f} files/s)"),
+        ("ratio ours/floor", f"{doc['ratio_to_floor']:.2f}"),
+        ("no-change re-index", f"{med['nochange']:.3f} s"),
+        ("peak RSS growth of the child (max)",
+         f"{max(doc['samples']['rss_growth']) / 2**20:.1f} MiB"),
+    ]))
+    write_json(json_out, doc)
+
+
+@bench.command("lifecycle")
+@click.option("--files", default=2000, show_default=True)
+@click.option("--runs", default=15, show_default=True)
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_lifecycle_cmd(files: int, runs: int, json_out: str | None) -> None:
+    """The same operation with the lifecycle machinery on and off."""
+    from tasks.bench import bench_lifecycle, table, write_json
+
+    doc = bench_lifecycle(files, runs, click.echo)
+    med = doc["median"]
+    click.echo(table([
+        ("operation", f"no-change re-index of {files} files"), ("runs (medians)", str(runs)),
+        ("lifecycle on", f"{med['on'] * 1000:.1f} ms"),
+        ("lifecycle off", f"{med['off'] * 1000:.1f} ms"),
+        ("overhead", f"{doc['overhead_ratio'] * 100:.1f} %"),
+    ]))
+    write_json(json_out, doc)
+
+
 def _connection() -> Any:
     from workers import db
     from workers.settings import Settings

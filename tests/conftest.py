@@ -39,7 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="repoindex-tests-"))
     _stack.callback(_rmtree, tmp)
     name = f"repoindex_test_{uuid.uuid4().hex[:10]}"
-    endpoints = _stack.enter_context(devservices.services(name, private_redis=True, drop=True))
+    endpoints = _stack.enter_context(devservices.services(name, private_redis=True, drop=True,
+                                                         own_database=True))
     (tmp / "roots").mkdir()
     env = {"REDIS_URL": endpoints.redis_url, "DATABASE_URL": endpoints.database_url,
            "REPOINDEX_ROOTS": str(tmp / "roots"), "REPOINDEX_TEMP_DIR": str(tmp / "work"),

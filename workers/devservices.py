@@ -190,9 +190,14 @@ class Endpoints:
 
 
 @contextmanager
-def services(database: str, *, private_redis: bool = False,
-             drop: bool = False) -> Iterator[Endpoints]:
-    """Redis and a PostgreSQL database named ``database``, found or started; see module doc."""
+def services(database: str, *, private_redis: bool = False, drop: bool = False,
+             own_database: bool = False) -> Iterator[Endpoints]:
+    """Redis and a PostgreSQL database named ``database``, found or started; see module doc.
+
+    With ``own_database`` a configured ``DATABASE_URL`` only names the server: the tests
+    and benchmarks create (and with ``drop`` remove) a database of their own on it, so they
+    never write into, or truncate, the database a user configured.
+    """
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="repoindex-svc-")))
         started: list[str] = []
@@ -208,7 +213,11 @@ def services(database: str, *, private_redis: bool = False,
             started.append("redis")
         database_url = os.environ.get("DATABASE_URL", "")
         admin_url = database_url
-        if not database_url:
+        if database_url and own_database:
+            database_url = create_database(admin_url, database)
+            if drop:
+                stack.callback(drop_database, admin_url, database)
+        elif not database_url:
             admin_url = LOCAL_POSTGRES
             if not postgres_answers(admin_url):
                 pg = PostgresServer(tmp)

@@ -111,3 +111,21 @@ def test_worker_command_execs_celery(session_env: dict[str, str], tmp_path: Path
     proc.start()
     assert proc.stop() == 0
     assert "cliworker@" in log.read_text()
+
+
+def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
+                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Small runs of both benchmarks, in a database of their own (the figures are not
+    asserted: speeds are for the benchmark command, not CI)."""
+    for key in ("REPOINDEX_ROOTS", "REPOINDEX_TEMP_DIR"):
+        monkeypatch.setenv(key, os.environ[key])  # restored after the test
+    runner = CliRunner()
+    out = runner.invoke(main, ["bench", "index", "--files", "40", "--runs", "1",
+                               "--json-out", str(tmp_path / "i.json")])
+    assert out.exit_code == 0, out.output
+    assert "ratio ours/floor" in out.output
+    doc = json.loads((tmp_path / "i.json").read_text())
+    assert doc["files"] == 40 and len(doc["samples"]["ours"]) == 1
+    out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2"])
+    assert out.exit_code == 0, out.output
+    assert "| overhead" in out.output

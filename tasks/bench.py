@@ -1,0 +1,213 @@
+"""Benchmarks (commands, not CI tests): medians and ratios measured side by side in one run.
+
+- ``index``: our full index through a real worker vs the floor (the simplest script that
+  reads the same files and COPYs them into the same schema), the no-change re-index, and
+  the worker child's peak RSS growth (VmHWM after minus VmRSS before, from /proc).
+- ``lifecycle``: the same operations with the lifecycle machinery (OperationTask: ledger
+  rows, scope report, sentinel snapshots) on and off, alternated, in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from workers import devservices
+
+GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def make_repo(path: Path, files: int) -> Path:
+    """``files`` source-like files of 0.5 to 3 KiB in nested folders, committed."""
+    subprocess.run([*GIT, "init", "-q", str(path)], check=True)
+    for i in range(files):
+        target = path / f"pkg{i % 20}" / f"mod{i % 13}" / f"file_{i}.py"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n"
+                       for j in range(10 + i % 60))
+        target.write_text(f"# generated file {i}\n{body}")
+    subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
+    subprocess.run([*GIT, "-C", str(path), "commit", "-qm", "bench"], check=True)
+    return path
+
+
+def _status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def floor_index(database_url: str, repo: Path) -> float:
+    """The floor: read every tracked file and COPY blobs and files in one transaction."""
+    import psycopg
+
+    started = time.perf_counter()
+    listing = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "-s"], check=True,
+                             capture_output=True).stdout
+    with psycopg.connect(database_url) as conn:
+        repo_id = conn.execute("INSERT INTO repositories (name, source, ref) VALUES"
+                               " ('floor', 'floor', 'HEAD') RETURNING id").fetchone()
+        assert repo_id is not None
+        rows = []
+        with conn.cursor().copy("COPY blobs (sha, size, is_binary, lines, content)"
+                                " FROM STDIN") as copy:
+            for record in listing.split(b"\0"):
+                if not record:
+                    continue
+                meta, path = record.split(b"\t", 1)
+                data = (repo / path.decode()).read_bytes()
+                sha = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                copy.write_row((sha, len(data), False, data.count(b"\n"), data.decode()))
+                rows.append((repo_id[0], path.decode(), sha, int(meta.split()[0], 8),
+                             len(data), "python", "text"))
+        with conn.cursor().copy("COPY files (repo_id, path, sha, mode, size, language, kind)"
+                                " FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    return time.perf_counter() - started
+
+
+def _reset(database_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE repositories, files, blobs, runs")
+
+
+def bench_index(files: int, runs: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    from workers.launcher import WorkerProcess
+
+    with tempfile.TemporaryDirectory(prefix="repoindex-bench-") as raw, \
+            devservices.services(f"repoindex_bench_{os.getpid()}", drop=True,
+                                 own_database=True) as ep:
+        tmp = Path(raw)
+        echo(f"generating a {files}-file repository …")
+        repo = make_repo(tmp / "repo", files)
+        env = {**os.environ, "REDIS_URL": ep.redis_url, "DATABASE_URL": ep.database_url,
+               "REPOINDEX_ROOTS": str(tmp), "REPOINDEX_TEMP_DIR": str(tmp / "work")}
+        stack = contextlib.ExitStack()
+        stack.enter_context(environ(REDIS_URL=ep.redis_url, DATABASE_URL=ep.database_url))
+        worker = WorkerProcess(env, name=f"bench-{os.getpid()}", log_path=tmp / "w.log",
+                               concurrency=1, queue=f"bench-{os.getpid()}")
+        worker.start()
+        from workers.app import app
+
+        def index(name: str) -> dict[str, Any]:
+            job = app.send_task("repoindex.index_repository", queue=worker.queue,
+                                kwargs={"source": str(repo), "name": name})
+            return job.get(timeout=1800)  # type: ignore[no-any-return]
+
+        try:
+            small = make_repo(tmp / "warm", 20)
+            app.send_task("repoindex.index_repository", queue=worker.queue,
+                          kwargs={"source": str(small)}).get(timeout=120)
+            child = worker.children()[0]
+            samples: dict[str, list[float]] = {"ours": [], "floor": [], "nochange": [],
+                                               "rss_growth": []}
+            for run in range(runs):
+                _reset(ep.database_url)
+                samples["floor"].append(floor_index(ep.database_url, repo))
+                _reset(ep.database_url)
+                rss_before = _status(child, "VmRSS")
+                result = index(f"bench{run}")
+                samples["rss_growth"].append(max(0, _status(child, "VmHWM") - rss_before))
+                samples["ours"].append(result["seconds"])
+                samples["nochange"].append(index(f"bench{run}")["seconds"])
+                echo(f"run {run + 1}/{runs}: ours {result['seconds']:.2f}s floor "
+                     f"{samples['floor'][-1]:.2f}s no-change {samples['nochange'][-1]:.3f}s")
+        finally:
+            worker.stop()
+            stack.close()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"files": files, "runs": runs, "median": med, "samples": samples,
+            "files_per_s": files / med["ours"], "floor_files_per_s": files / med["floor"],
+            "ratio_to_floor": med["ours"] / med["floor"]}
+
+
+def bench_lifecycle(files: int, runs: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="repoindex-bench-") as raw, \
+            devservices.services(f"repoindex_bench_{os.getpid()}", drop=True,
+                                 own_database=True) as ep:
+        tmp = Path(raw)
+        repo = make_repo(tmp / "repo", files)
+        stack = contextlib.ExitStack()
+        stack.enter_context(environ(REDIS_URL=ep.redis_url, DATABASE_URL=ep.database_url,
+                                    REPOINDEX_ROOTS=str(tmp), REPOINDEX_TEMP_DIR=str(tmp / "w")))
+        stack.callback(runtime_shutdown)
+        from tasks import indexer, jobs, validate
+        from workers import runtime
+        runtime.shutdown()  # a runtime made before the environment above would be stale
+        rt = runtime.current()
+        args = validate.index_args([], {"source": str(repo), "name": "lc"}, rt.settings.roots)
+
+        def on() -> float:
+            # Our machinery exactly: OperationTask.__call__ (ledger rows, scope, cleanup
+            # report, log context) plus the sentinel's before/after snapshots. Celery's own
+            # tracer is left out of both sides.
+            started = time.perf_counter()
+            rt.sentinel.before("on")
+            jobs.index_repository(source=str(repo), name="lc")
+            rt.sentinel.after("on")
+            return time.perf_counter() - started
+
+        def off() -> float:
+            started = time.perf_counter()
+            rm = rt.scope("off")
+            with rm:
+                indexer.index_repository(rm, rt.settings, args, job_id="off")
+            return time.perf_counter() - started
+
+        on(), off()  # warm-up: schema, pool, first index
+        samples: dict[str, list[float]] = {"on": [], "off": []}
+        for i in range(runs):
+            for name, fn in (("on", on), ("off", off)) if i % 2 else (("off", off), ("on", on)):
+                samples[name].append(fn())
+        stack.close()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    echo(f"lifecycle on {med['on'] * 1000:.1f} ms, off {med['off'] * 1000:.1f} ms")
+    return {"files": files, "runs": runs, "operation": "no-change re-index", "median": med,
+            "samples": samples, "overhead_ratio": med["on"] / med["off"] - 1}
+
+
+def runtime_shutdown() -> None:
+    from workers import runtime
+
+    runtime.shutdown()
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    out = [f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+    out += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+    return "\n".join(out)
+
+
+def write_json(path: str | None, doc: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(doc, indent=2, default=str))
