@@ -226,3 +226,65 @@ def test_safe_name() -> None:
     assert safe_name("...") == "op"
     assert safe_name("a b/c") == "a_b_c"
     assert resources.outcome_of(None) == "succeeded"
+
+
+def test_async_scope_cancels_and_awaits_tasks(tmp_path: Path) -> None:
+    """Tasks still running at exit are cancelled and awaited; their finally blocks run."""
+    import asyncio
+
+    from workers.resources import AsyncResourceManager
+
+    finished: list[str] = []
+
+    async def worker(name: str) -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            finished.append(name)
+
+    async def main() -> AsyncResourceManager:
+        async with AsyncResourceManager("aop", temp_root=tmp_path) as scope:
+            done = scope.create_task(asyncio.sleep(0), name="quick")
+            await done
+            scope.create_task(worker("a"), name="a")
+            scope.create_task(worker("b"), name="b")
+            await asyncio.sleep(0)
+            assert scope.sync.live()["tasks"] == 2
+            fh = scope.sync.open_file(tmp_path / "f", "w")
+        assert fh.closed
+        return scope
+
+    scope = asyncio.run(main())
+    assert finished == ["b", "a"]
+    assert scope.sync.report is not None
+    assert scope.sync.report.acquired["tasks"] == 3 and scope.sync.report.failures == []
+
+
+def test_async_scope_reports_a_task_that_ignores_cancellation(tmp_path: Path) -> None:
+    import asyncio
+
+    from workers.resources import AsyncResourceManager
+
+    async def stubborn(release: asyncio.Event) -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                continue
+
+    async def main() -> list[tuple[str, str, str]]:
+        release = asyncio.Event()
+        with pytest.raises(RuntimeError, match="body failed"):
+            async with AsyncResourceManager("aop2", grace=0.1) as scope:
+                scope.create_task(stubborn(release), name="stubborn")
+                await asyncio.sleep(0)
+                raise RuntimeError("body failed")
+        release.set()
+        await asyncio.sleep(0.1)
+        with pytest.raises(ResourceError, match="cannot acquire tasks"):
+            scope.create_task(asyncio.sleep(0))
+        assert scope.sync.report is not None
+        return scope.sync.report.failures
+
+    failures = asyncio.run(main())
+    assert [f[0] for f in failures] == ["tasks"]
