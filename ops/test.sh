@@ -4,15 +4,8 @@
 # Redis and PostgreSQL: see README "Tests" — found or started by the suite itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "repoindex needs Python >= 3.11 (found $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2
-  exit 2
-fi
-for bin in git redis-server; do
-  command -v "$bin" >/dev/null || { echo "missing $bin: apt-get install ${bin/-server/} (or brew install ${bin/-server/})" >&2; exit 2; }
-done
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+source ops/venv.sh
+command -v redis-server >/dev/null || { echo "missing redis-server: apt-get install redis-server (or brew install redis)" >&2; exit 2; }
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
 echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy
