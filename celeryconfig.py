@@ -29,6 +29,12 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 task_track_started = True
+# On a lost broker connection, operations in flight run on. Celery's alternative (True)
+# cancels them, but with Redis as broker *and* result backend its cancel path fails to
+# store RETRY, then marks the job REVOKED and acknowledges it: the job is lost (seen in
+# tests/e2e/test_faults.py). Running on is safe: the unacked message is redelivered after
+# the visibility timeout and the repeated operation is idempotent.
+worker_cancel_long_running_tasks_on_connection_loss = False
 result_extended = True
 result_expires = 7 * 24 * 3600
 

@@ -100,7 +100,9 @@ def main() -> None:
 def worker(ctx: click.Context) -> None:
     """Run a worker: `celery -A workers.app worker` with the given celery options."""
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", *ctx.args]
-    os.execvpe(argv[0], argv, os.environ.copy())
+    env = os.environ.copy()
+    env.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: cold shutdown
+    os.execvpe(argv[0], argv, env)
 
 
 @main.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from celery import shared_task
 
 from tasks import indexer, validate
@@ -15,7 +16,20 @@ from workers import resources, runtime
 from workers.task import OperationTask
 
 
-@shared_task(name="repoindex.index_repository", base=OperationTask, bind=True)
+class RetryingOperation(OperationTask):
+    """An operation retried with backoff on a transient database failure (server restarted,
+    backend terminated, pool timeout): indexing and deleting are idempotent, so a retry is
+    always safe."""
+
+    abstract = True
+    autoretry_for = (psycopg.OperationalError,)
+    retry_backoff = 1
+    retry_backoff_max = 30
+    max_retries = 3
+
+
+@shared_task(name="repoindex.index_repository", base=RetryingOperation,
+             bind=True)
 def index_repository(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """index_repository(source, name=None, ref="HEAD") -> summary."""
     settings = runtime.current().settings
@@ -25,7 +39,8 @@ def index_repository(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str
                                     progress=self.progress())
 
 
-@shared_task(name="repoindex.delete_repository", base=OperationTask, bind=True)
+@shared_task(name="repoindex.delete_repository", base=RetryingOperation,
+             bind=True)
 def delete_repository(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """delete_repository(name) -> {repository, deleted, files, blobs}."""
     return indexer.delete_repository(resources.current(), validate.delete_args(args, kwargs))

@@ -50,6 +50,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    import gc
+
+    gc.collect()  # AsyncResults unsubscribe from Redis when collected: while it still runs
     _stack.close()
 
 

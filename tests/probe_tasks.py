@@ -129,3 +129,10 @@ def state(hold: float = 0.0) -> dict[str, Any]:
         "pool": rt.db.stats(),
         "leaks": dict(rt.sentinel.counts),
     }
+
+
+@shared_task(name="probe.suicide", base=OperationTask, bind=True)
+def suicide(self: OperationTask) -> None:
+    """Kills its own worker child (as the OOM killer would), every time it runs."""
+    resources.current().temp_path("before-death").write_text("left behind")
+    os.kill(os.getpid(), 9)

@@ -99,8 +99,10 @@ def find_binary(name: str) -> str:
 class RedisServer:
     """A private redis-server on a free loopback port; ``restart()`` keeps the port."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *,
+                 persistent: bool = False) -> None:
         self.directory = directory
+        self.persistent = persistent  # append-only file, fsync always: survives restarts
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -108,7 +110,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         self._proc = subprocess.Popen(
             [find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+             "--save", "", "--appendonly", "yes" if self.persistent else "no",
+             "--appendfsync", "always", "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
         return self

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import signals
 
-from workers import logs, runtime
+from workers import logs, runtime, shutdown
 from workers.settings import Settings
 
 log = logging.getLogger("repoindex.hooks")
@@ -34,6 +34,12 @@ def on_worker_shutdown(**_: Any) -> None:
     runtime.shutdown()
 
 
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    # sender is the consumer; its controller is the worker whose handlers we adjust
+    if sender is not None and getattr(sender, "controller", None) is not None:
+        shutdown.sigint_is_cold(sender.controller)
+
+
 def on_task_prerun(task_id: str | None = None, **_: Any) -> None:
     if task_id:
         runtime.current().sentinel.before(task_id)
@@ -49,6 +55,7 @@ _RECEIVERS = (
     (signals.worker_process_init, on_process_init),
     (signals.worker_process_shutdown, on_process_shutdown),
     (signals.worker_shutdown, on_worker_shutdown),
+    (signals.worker_ready, on_worker_ready),
     (signals.task_prerun, on_task_prerun),
     (signals.task_postrun, on_task_postrun),
 )

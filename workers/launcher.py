@@ -22,6 +22,8 @@ class WorkerProcess:
                  concurrency: int = 2, args: Sequence[str] = (), app: str = "workers.app",
                  queue: str | None = None) -> None:
         self.env = dict(env)
+        # Read by billiard at import: SIGTERM starts the cold shutdown (README "Shutting down").
+        self.env.setdefault("REMAP_SIGTERM", "SIGQUIT")
         self.name = name
         self.log_path = log_path
         self.queue = queue  # consume only this queue (None: Celery's default queue)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from celery.exceptions import Retry
 
 from workers.errors import LimitExceeded, RepoindexError
 from workers.resources import CleanupReport, outcome_of
@@ -56,7 +57,7 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
 def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
            result: Any, error: BaseException | None, cleanup: CleanupReport | None) -> None:
     """Close the attempt's row with its outcome, counts, error text and cleanup report."""
-    state = outcome_of(error)
+    state = "retried" if isinstance(error, Retry) else outcome_of(error)
     counts = result if isinstance(result, dict) else None
     conn.execute(
         "UPDATE runs SET state = %s, finished_at = now(), repository = coalesce(%s, repository),"
@@ -71,6 +72,9 @@ def error_text(error: BaseException | None) -> str | None:
         return None
     if isinstance(error, SystemExit | KeyboardInterrupt):
         return "interrupted by worker shutdown; the job was returned to the queue"
+    if isinstance(error, Retry):
+        cause = error.exc if isinstance(error.exc, BaseException) else None
+        return scrub(f"retrying after: {error_text(cause) or error}")[:1000]
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     name = type(error).__name__
     line = text if isinstance(error, RepoindexError) else f"{name}: {text}" if text else name

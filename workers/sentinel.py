@@ -7,8 +7,10 @@ pool. Anything present after that was absent before is a leak: logged as one WAR
 per resource, counted, and sent to Sentry when it is configured.
 
 Long-lived infrastructure that may legitimately appear during an operation is exempt:
-sockets the psycopg pool opened (its ``configure`` callback records them) and sockets to
-the Redis broker/backend (kombu connects lazily on the first result it stores).
+sockets the psycopg pool opened (its ``configure`` callback records them), sockets to
+the Redis broker/backend (kombu connects lazily on the first result it stores), and epoll
+instances (kombu's pollers, made when a child first publishes, e.g. a retry; nothing of
+ours creates a lasting one).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import psutil
 
 log = logging.getLogger("repoindex.leak")
 IGNORED_THREAD_PREFIXES = ("sentry-sdk",)  # Sentry starts its transport thread lazily
+IGNORED_FD_TARGETS = frozenset({"anon_inode:[eventpoll]"})  # kombu's pollers
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ class Sentinel:
         sockets = [fd for fd, target in new if target.startswith("socket:")]
         remote = self._remote_endpoints(sockets) if sockets else {}
         return [Leak("fd", f"fd={fd} target={target}") for fd, target in new
-                if target not in exempt and remote.get(fd) not in self.endpoints]
+                if target not in exempt and target not in IGNORED_FD_TARGETS
+                and remote.get(fd) not in self.endpoints]
 
     @staticmethod
     def _remote_endpoints(fds: list[int]) -> dict[int, tuple[str, int] | None]:

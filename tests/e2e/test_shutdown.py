@@ -1,0 +1,233 @@
+"""Shutdown and process death with real workers: in-flight operations stop, roll back,
+clean up, and their jobs run again exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+import redis
+
+from tests import gitrepo
+from tests.conftest import start_worker
+from workers.launcher import WorkerProcess
+
+
+def queue_length(queue: str) -> int:
+    return int(redis.Redis.from_url(os.environ["REDIS_URL"]).llen(queue))
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ledger_states(db: psycopg.Connection[Any], job_id: str) -> list[str]:
+    rows = db.execute("SELECT state FROM runs WHERE job_id = %s ORDER BY id", (job_id,))
+    return [r[0] for r in rows]
+
+
+def our_processes(worker_pids: list[int], roots: Path) -> list[int]:
+    """Worker processes still alive, and git processes reading our test repositories."""
+    alive = [p for p in worker_pids if psutil.pid_exists(p)
+             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "git" and any(str(roots) in a for a in proc.info["cmdline"] or []):
+            alive.append(proc.pid)
+    return alive
+
+
+def not_idle_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
+    return db.execute("SELECT state, count(*) FROM pg_stat_activity WHERE application_name ="
+                      " 'repoindex' AND state <> 'idle' GROUP BY state").fetchall()
+
+
+@pytest.fixture(scope="module")
+def big_repos(roots: Path) -> list[Path]:
+    repos = []
+    for i in range(3):
+        repo = roots / f"shutdown-big-{i}"
+        gitrepo.generated(repo, files=6000)
+        repos.append(repo)
+    return repos
+
+
+def in_progress(job: Any) -> bool:
+    return job.state == "PROGRESS"
+
+
+def test_sigterm_with_operations_in_flight(celery_app: Any, db: psycopg.Connection[Any],
+                                           roots: Path, temp_root: Path,
+                                           big_repos: list[Path]) -> None:
+    """SIGTERM with 3 operations in flight: exit 0, everything released, nothing
+    half-written, all 3 jobs back on the queue; a second worker runs each exactly once."""
+    queue = f"shutdown-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("sigterm", concurrency=3, queue=queue)
+    names = [f"inflight-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    jobs = [celery_app.send_task("repoindex.index_repository", queue=queue,
+                                 kwargs={"source": str(repo), "name": name})
+            for repo, name in zip(big_repos, names, strict=True)]
+    wait_until(lambda: all(in_progress(j) for j in jobs), 120, "3 operations in progress")
+    pids = [worker.pid, *worker.children()]
+    started = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.stop(timeout=30) == 0
+    elapsed = time.monotonic() - started
+    print(f"exit after SIGTERM with 3 operations in flight: {elapsed:.2f}s")
+    assert elapsed < 30
+    assert our_processes(pids, roots) == []
+    assert not [n for n in os.listdir(temp_root) if int(n.split("-", 1)[0]) in pids]
+    assert not_idle_sessions(db) == []
+    assert db.execute("SELECT count(*) FROM repositories WHERE name = ANY(%s)",
+                      (names,)).fetchone() == (0,)
+    assert queue_length(queue) == 3
+    for job in jobs:
+        assert ledger_states(db, job.id) == ["interrupted"]
+        assert job.state != "FAILURE"
+    second = start_worker("sigterm-after", concurrency=2, queue=queue)
+    try:
+        results = [j.get(timeout=300) for j in jobs]
+    finally:
+        assert second.stop() == 0
+    for repo, name, result in zip(big_repos, names, results, strict=True):
+        assert result["repository"] == name
+        assert result["files"] == len(gitrepo.tracked(repo))
+    for job in jobs:
+        assert ledger_states(db, job.id) == ["interrupted", "succeeded"]
+    assert db.execute("SELECT count(*) FROM repositories WHERE name = ANY(%s)",
+                      (names,)).fetchone() == (3,)
+
+
+@pytest.fixture(scope="module")
+def thirty_repos(roots: Path) -> list[Path]:
+    repos = []
+    for i in range(30):
+        repo = roots / f"replica-{i}"
+        gitrepo.generated(repo, files=400)
+        repos.append(repo)
+    return repos
+
+
+def test_three_replicas_one_stopped_mid_run(celery_app: Any, db: psycopg.Connection[Any],
+                                            thirty_repos: list[Path]) -> None:
+    """Three replicas share 30 jobs; one gets SIGTERM mid-run: all 30 complete exactly once."""
+    queue = f"replicas-{uuid.uuid4().hex[:6]}"
+    replicas = [start_worker(f"replica{i}", concurrency=1, queue=queue) for i in range(3)]
+    names = [f"rep-{uuid.uuid4().hex[:6]}-{i}" for i in range(30)]
+    try:
+        jobs = [celery_app.send_task("repoindex.index_repository", queue=queue,
+                                     kwargs={"source": str(repo), "name": name})
+                for repo, name in zip(thirty_repos, names, strict=True)]
+        wait_until(lambda: sum(j.ready() for j in jobs) >= 5, 120, "5 jobs done")
+        os.kill(replicas[0].pid, signal.SIGTERM)
+        assert replicas[0].stop(timeout=30) == 0
+        results = [j.get(timeout=300) for j in jobs]
+    finally:
+        for replica in replicas[1:]:
+            assert replica.stop() == 0
+    assert [r["repository"] for r in results] == names
+    for job in jobs:
+        states = ledger_states(db, job.id)
+        assert states.count("succeeded") == 1, (job.id, states)
+        assert set(states) <= {"succeeded", "interrupted"}
+    assert db.execute("SELECT count(*) FROM repositories WHERE name = ANY(%s)",
+                      (names,)).fetchone() == (30,)
+
+
+@pytest.fixture
+def single(probe_queue: str) -> Iterator[WorkerProcess]:
+    worker = start_worker("single", concurrency=1, queue=probe_queue)
+    yield worker
+    assert worker.stop() == 0
+
+
+@pytest.fixture
+def probe_queue() -> str:
+    return f"single-{uuid.uuid4().hex[:6]}"
+
+
+def test_sigkill_of_a_child_mid_operation(celery_app: Any, db: psycopg.Connection[Any],
+                                          temp_root: Path, big_repos: list[Path],
+                                          single: WorkerProcess, probe_queue: str) -> None:
+    """The job is delivered again and completes once; no partial index survives; the dead
+    child's temp area is swept by the child that replaces it."""
+    name = f"killed-{uuid.uuid4().hex[:6]}"
+    job = celery_app.send_task("repoindex.index_repository", queue=probe_queue,
+                               kwargs={"source": str(big_repos[0]), "name": name})
+    wait_until(lambda: in_progress(job), 120, "operation in progress")
+    [child] = single.children()
+    os.kill(child, signal.SIGKILL)
+    result = job.get(timeout=300)
+    assert result["files"] == len(gitrepo.tracked(big_repos[0]))
+    assert ledger_states(db, job.id) == ["lost", "succeeded"]
+    assert db.execute("SELECT count(*) FROM repositories WHERE name = %s",
+                      (name,)).fetchone() == (1,)
+    assert not_idle_sessions(db) == []
+
+
+def test_job_that_kills_its_child_every_time_is_failed(celery_app: Any,
+                                                       db: psycopg.Connection[Any],
+                                                       temp_root: Path,
+                                                       single: WorkerProcess,
+                                                       probe_queue: str) -> None:
+    """Each death is recorded; after REPOINDEX_MAX_LOST deaths the job fails with that
+    reason; every dead child's temp area is swept by its replacement."""
+    job = celery_app.send_task("probe.suicide", queue=probe_queue)
+    job.get(timeout=120, propagate=False)
+    assert job.state == "FAILURE"
+    assert "3 times; not retried" in str(job.result)
+    assert ledger_states(db, job.id) == ["lost", "lost", "lost", "failed"]
+    assert single.proc is not None and single.proc.poll() is None
+    assert single.log().count("swept 1 temp area(s) left by dead worker processes") == 3
+    [child] = single.children()
+    assert [n for n in os.listdir(temp_root) if not n.startswith(f"{child}-")
+            and int(n.split("-", 1)[0]) not in (single.pid,)
+            and not psutil.pid_exists(int(n.split("-", 1)[0]))] == []
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "group SIGTERM", "SIGTERM twice",
+                                 "idle SIGTERM"])
+def test_every_way_of_stopping_is_safe(celery_app: Any, db: psycopg.Connection[Any],
+                                       temp_root: Path, how: str) -> None:
+    """SIGINT, a SIGTERM to the whole process group (tini -g, systemd) and a second SIGTERM
+    all stop as the first SIGTERM does: exit 0, cleanup ran, every job back on the queue."""
+    queue = f"stop-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("stop", concurrency=2, queue=queue)
+    jobs = [] if how.startswith("idle") else [
+        celery_app.send_task("probe.sleep", queue=queue, kwargs={"seconds": 60, "tag": str(i)})
+        for i in range(3)]
+    wait_until(lambda: sum(j.state == "STARTED" for j in jobs) == min(len(jobs), 2), 60,
+               "operations started")
+    pids = [worker.pid, *worker.children()]
+    started = time.monotonic()
+    if how == "SIGINT":
+        os.kill(worker.pid, signal.SIGINT)
+    elif how == "group SIGTERM":
+        os.killpg(worker.pid, signal.SIGTERM)
+    else:
+        os.kill(worker.pid, signal.SIGTERM)
+        if how == "SIGTERM twice":
+            time.sleep(0.2)
+            os.kill(worker.pid, signal.SIGTERM)
+    assert worker.stop(timeout=30) == 0
+    print(f"{how}: exit after {time.monotonic() - started:.2f}s")
+    assert [p for p in pids if psutil.pid_exists(p)
+            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
+    assert not [n for n in os.listdir(temp_root) if int(n.split("-", 1)[0]) in pids]
+    assert queue_length(queue) == len(jobs)
+    for job in jobs:
+        assert ledger_states(db, job.id) in (["interrupted"], [])  # the 3rd never started
+    assert sum(ledger_states(db, j.id) == ["interrupted"] for j in jobs) == min(len(jobs), 2)
+    assert "outcome=interrupted" in worker.log() or not jobs
