@@ -9,13 +9,11 @@ from __future__ import annotations
 from celery import Celery
 
 from workers import hooks
-from workers.shutdown import PromptShutdown
 
 
 def create_app() -> Celery:
     app = Celery("repoindex")
     app.config_from_object("celeryconfig")
-    app.steps["worker"].add(PromptShutdown)
     hooks.connect()
     return app
 

@@ -37,7 +37,7 @@ def on_worker_shutdown(**_: Any) -> None:
 def on_worker_ready(sender: Any = None, **_: Any) -> None:
     # sender is the consumer; its controller is the worker whose handlers we adjust
     if sender is not None and getattr(sender, "controller", None) is not None:
-        shutdown.sigint_is_cold(sender.controller)
+        shutdown.install_handlers(sender.controller)
 
 
 def on_task_prerun(task_id: str | None = None, **_: Any) -> None:

@@ -231,3 +231,13 @@ def test_every_way_of_stopping_is_safe(celery_app: Any, db: psycopg.Connection[A
         assert ledger_states(db, job.id) in (["interrupted"], [])  # the 3rd never started
     assert sum(ledger_states(db, j.id) == ["interrupted"] for j in jobs) == min(len(jobs), 2)
     assert "outcome=interrupted" in worker.log() or not jobs
+
+
+def test_worker_without_remap_sigterm_warns() -> None:
+    """`celery worker` started by hand without REMAP_SIGTERM says what it will cost."""
+    worker = start_worker("noremap", concurrency=1, queue=f"noremap-{uuid.uuid4().hex[:6]}",
+                          env={"REMAP_SIGTERM": ""})
+    try:
+        wait_until(lambda: "REMAP_SIGTERM is not SIGQUIT" in worker.log(), 30, "the warning")
+    finally:
+        assert worker.stop() == 0
