@@ -264,6 +264,28 @@ def bench_lifecycle_cmd(files: int, runs: int, json_out: str | None) -> None:
     write_json(json_out, doc)
 
 
+@bench.command("shutdown")
+@click.option("--runs", default=5, show_default=True)
+@click.option("--op-seconds", default=40.0, show_default=True,
+              help="Length of the operations in flight.")
+@click.option("--grace", default=30.0, show_default=True,
+              help="Seconds before SIGKILL, as Docker's stop timeout.")
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_shutdown_cmd(runs: int, op_seconds: float, grace: float, json_out: str | None) -> None:
+    """SIGTERM to our worker and to stock Celery signal handling, same operations."""
+    from tasks.bench import bench_shutdown, write_json
+
+    doc = bench_shutdown(runs, op_seconds, grace, click.echo)
+    click.echo("| worker | median exit | max exit | SIGKILLed | jobs neither done nor requeued "
+               "| temp files left | rows half-written |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for mode, s in doc["summary"].items():
+        click.echo(f"| {mode} | {s['median_s']:.2f} s | {s['max_s']:.2f} s | {s['sigkilled']}"
+                   f"/{runs} | {s['jobs_not_accounted']} | {s['temp_left']}"
+                   f" | {s['half_written']} |")
+    write_json(json_out, doc)
+
+
 def _connection() -> Any:
     from workers import db
     from workers.settings import Settings

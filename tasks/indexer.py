@@ -8,13 +8,14 @@ it commits, and an interrupted operation leaves nothing behind.
 from __future__ import annotations
 
 import gc
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from tasks import store
 from tasks.classify import classify, decode_path, language
-from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, Git, TreeEntry
+from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, Git, TreeEntry, git_env
 from tasks.validate import IndexArgs
 from workers import logs
 from workers.errors import LimitExceeded
@@ -99,6 +100,29 @@ def delete_repository(rm: ResourceManager, name: str) -> dict[str, Any]:
         result = store.delete_repository(conn, name)
     rm.release(conn)
     return result
+
+
+def canary(rm: ResourceManager, settings: Settings, *, job_id: str, seconds: float
+           ) -> dict[str, Any]:
+    """Hold one of each resource for ``seconds`` inside a transaction, then commit a row.
+
+    A diagnostic operation: an interrupted canary must leave no row, no temp file, no git
+    process and no open transaction behind (``repoindex bench shutdown`` counts them).
+    """
+    started = time.perf_counter()
+    marker = rm.temp_path("canary")
+    marker.write_text(job_id)
+    git = rm.popen(["git", "cat-file", "--batch"], stdin=subprocess.PIPE,
+                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=git_env())
+    conn = rm.connection()
+    with conn.transaction():
+        conn.execute("INSERT INTO canary (job_id) VALUES (%s) ON CONFLICT DO NOTHING", (job_id,))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    rm.release(conn)
+    rm.release(git)
+    return {"job": job_id, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def collect_garbage(rm: ResourceManager) -> dict[str, Any]:

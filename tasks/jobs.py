@@ -13,6 +13,7 @@ from celery import shared_task
 
 from tasks import indexer, validate
 from workers import resources, runtime
+from workers.errors import BadInput
 from workers.task import OperationTask
 
 
@@ -51,3 +52,16 @@ def collect_garbage(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str,
     """collect_garbage() -> {blobs}: delete blobs that no repository references."""
     validate.bind_arguments(args, kwargs, (), required=0)
     return indexer.collect_garbage(resources.current())
+
+
+@shared_task(name="repoindex.canary", base=OperationTask, bind=True)
+def canary(self: OperationTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """canary(seconds=1.0) -> {job, seconds}: a diagnostic operation holding a temp file,
+    a git process and a transaction for ``seconds`` (at most 3600)."""
+    bound = validate.bind_arguments(args, kwargs, ("seconds",), required=0)
+    seconds = bound.get("seconds", 1.0)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) \
+            or not 0 <= seconds <= 3600:
+        raise BadInput("seconds must be a number from 0 to 3600")
+    return indexer.canary(resources.current(), runtime.current().settings,
+                          job_id=self.request.id or "local", seconds=float(seconds))

@@ -129,3 +129,12 @@ def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
     out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2"])
     assert out.exit_code == 0, out.output
     assert "| overhead" in out.output
+    out = runner.invoke(main, ["bench", "shutdown", "--runs", "1", "--op-seconds", "4",
+                               "--grace", "2", "--json-out", str(tmp_path / "s.json")])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "s.json").read_text())["summary"]
+    # counts, not speeds: ours requeues both jobs and leaves nothing; the stock path
+    # is SIGKILLed after the 2 s grace and leaves its temp areas behind
+    assert (summary["ours"]["sigkilled"], summary["ours"]["jobs_not_accounted"],
+            summary["ours"]["temp_left"], summary["ours"]["half_written"]) == (0, 0, 0, 0)
+    assert summary["stock"]["sigkilled"] == 1 and summary["stock"]["temp_left"] == 2

@@ -197,3 +197,17 @@ def test_delete_repository_removes_only_its_blobs(worker: WorkerProcess, celery_
     assert again.result["deleted"] is False
     bad = run(celery_app, "repoindex.delete_repository", name="-rf")
     assert bad.state == "FAILURE" and "invalid repository name" in str(bad.result)
+
+
+@pytest.mark.parametrize("seconds", [-1, "1", True, 3601])
+def test_canary_refuses_bad_seconds(worker: WorkerProcess, celery_app: Any, seconds: Any) -> None:
+    res = run(celery_app, "repoindex.canary", seconds=seconds)
+    assert res.state == "FAILURE" and "seconds must be a number" in str(res.result)
+
+
+def test_canary_commits_its_row(worker: WorkerProcess, celery_app: Any,
+                                db: psycopg.Connection[Any]) -> None:
+    res = run(celery_app, "repoindex.canary", seconds=0.2)
+    assert res.state == "SUCCESS" and res.result["seconds"] >= 0.2
+    assert db.execute("SELECT count(*) FROM canary WHERE job_id = %s", (res.id,)
+                      ).fetchone() == (1,)
