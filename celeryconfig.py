@@ -46,6 +46,9 @@ broker_transport_options = {
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
 worker_concurrency = _settings.concurrency or None
+# KiB; compared with the child's peak RSS after each task (README "Memory"): a child that
+# grew past it is replaced between operations, never during one.
+worker_max_memory_per_child = _settings.max_memory_per_child_mb * 1024 or None
 worker_hijack_root_logger = False
 worker_send_task_events = True
 task_send_sent_event = True

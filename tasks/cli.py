@@ -259,6 +259,7 @@ def bench_lifecycle_cmd(files: int, runs: int, json_out: str | None) -> None:
         ("operation", f"no-change re-index of {files} files"), ("runs (medians)", str(runs)),
         ("lifecycle on", f"{med['on'] * 1000:.1f} ms"),
         ("lifecycle off", f"{med['off'] * 1000:.1f} ms"),
+        ("median of paired differences", f"{doc['paired_diff'] * 1000:.2f} ms"),
         ("overhead", f"{doc['overhead_ratio'] * 100:.1f} %"),
     ]))
     write_json(json_out, doc)

@@ -7,7 +7,6 @@ it commits, and an interrupted operation leaves nothing behind.
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -86,8 +85,7 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
         counts = store.apply(conn, repo_id, commit, job_id)
     rm.release(conn)
     read = len(wanted)
-    del wanted, kinds  # the per-run lists go before the next operation, not at some later GC
-    gc.collect()
+    del wanted, kinds  # the per-run lists go now; the lifecycle collects and trims after
     return {"repository": args.name, "commit": commit, **counts, "read": read,
             "bytes": read_bytes, "seconds": round(time.perf_counter() - started, 3)}
 

@@ -91,6 +91,13 @@ def db() -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture(scope="session")
+def probe_table() -> None:
+    """The table probe.everything writes to (inside the operation's transaction)."""
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS probe_rows (tag text)")
+
+
+@pytest.fixture(scope="session")
 def celery_app() -> Any:
     from workers.app import app
 

@@ -43,3 +43,12 @@ def report_leak(leak: Leak, op_id: str) -> None:
         scope.set_tag("leak_kind", leak.kind)
         scope.set_tag("op", op_id)
         sentry_sdk.capture_message(f"leak kind={leak.kind} {leak.detail}", level="warning")
+
+
+def report_memory(text: str) -> None:
+    """A suspected memory leak as one Sentry issue per worker host."""
+    if not sentry_sdk.get_client().is_active():
+        return
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["repoindex-memory-leak"]
+        sentry_sdk.capture_message(text, level="warning")

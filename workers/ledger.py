@@ -31,27 +31,39 @@ class Run:
     attempt: int
 
 
+_START = """
+WITH lost AS (
+    UPDATE runs SET state = 'lost', finished_at = now(), error = %(lost_error)s
+    WHERE job_id = %(job)s AND state = 'running' RETURNING 1
+), prev AS (  -- the statement's snapshot: rows being marked lost above still look running
+    SELECT count(*) AS n, count(*) FILTER (WHERE state = 'lost') AS lost,
+           max(repository) AS repository
+    FROM runs WHERE job_id = %(job)s
+), decided AS (
+    SELECT n, lost + (SELECT count(*) FROM lost) AS lost, repository FROM prev
+)
+INSERT INTO runs (job_id, task, repository, attempt, worker, pid, state, error, finished_at)
+SELECT %(job)s, %(task)s, repository, n + 1, %(worker)s, %(pid)s,
+       CASE WHEN lost >= %(max_lost)s THEN 'failed' ELSE 'running' END,
+       CASE WHEN lost >= %(max_lost)s
+            THEN %(lost_error)s || ', ' || lost || ' times; not retried' END,
+       CASE WHEN lost >= %(max_lost)s THEN now() END
+FROM decided
+RETURNING id, attempt, error
+"""
+
+
 def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int) -> Run:
-    """Record a new attempt; refuse a job that has killed its worker ``max_lost`` times."""
-    with conn.transaction():
-        conn.execute("UPDATE runs SET state = 'lost', finished_at = now(), error = %s "
-                     "WHERE job_id = %s AND state = 'running'", (LOST_ERROR, job_id))
-        row = conn.execute("SELECT count(*), count(*) FILTER (WHERE state = 'lost'), "
-                           "max(repository) FROM runs WHERE job_id = %s", (job_id,)).fetchone()
-        attempts, lost, repository = row if row else (0, 0, None)
-        state, error = "running", None
-        if lost >= max_lost:
-            state, error = "failed", f"{LOST_ERROR}, {lost} times; not retried"
-        run_id = conn.execute(
-            "INSERT INTO runs (job_id, task, repository, attempt, worker, pid, state, error,"
-            " finished_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
-            " CASE WHEN %s = 'running' THEN NULL ELSE now() END) RETURNING id",
-            (job_id, task, repository, attempts + 1, socket.gethostname(), os.getpid(), state,
-             error, state)).fetchone()
-    if error is not None:
-        raise LimitExceeded(error)
-    assert run_id is not None
-    return Run(int(run_id[0]), job_id, attempts + 1)
+    """Record a new attempt (one statement); refuse a job that has killed its worker
+    ``max_lost`` times."""
+    row = conn.execute(_START, {"job": job_id, "task": task, "worker": socket.gethostname(),
+                                "pid": os.getpid(), "max_lost": max_lost,
+                                "lost_error": LOST_ERROR}).fetchone()
+    conn.commit()
+    assert row is not None
+    if row[2] is not None:
+        raise LimitExceeded(row[2])
+    return Run(int(row[0]), job_id, int(row[1]))
 
 
 def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,

@@ -7,6 +7,7 @@ lazily from ``current()``; ``shutdown()`` closes it either way.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -17,9 +18,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from workers import alerts, ledger
+from workers import alerts, ledger, memory
 from workers.db import Database, migrate
 from workers.resources import ResourceManager
+from workers.sampler import Sampler, collect, log_sample
 from workers.sentinel import Sentinel
 from workers.settings import Settings
 
@@ -79,6 +81,14 @@ class Runtime:
             endpoints=redis_endpoints(settings.redis_url, settings.result_backend),
             report=alerts.report_leak,
         )
+        self.sampler = Sampler(settings.sample_seconds, lambda: collect(self.db.stats),
+                               log_sample)
+        self.leaks = memory.LeakDetector(
+            warmup=settings.leak_warmup, window=settings.leak_window,
+            windows=settings.leak_windows, min_growth=settings.leak_min_growth_kb * 1024,
+            trace_dir=settings.temp_dir if settings.tracemalloc else None,
+            report=alerts.report_memory)
+        self.recycles: dict[str, int] = {}
         self._schema_ready = False
 
     def start(self) -> Runtime:
@@ -86,10 +96,26 @@ class Runtime:
         self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
         sweep_temp(self.settings.temp_dir)
         self.db.open(wait=False)
+        self.sampler.start()
+        # Everything alive now (imports, app, config) lives as long as the process: move it
+        # out of the collector's sight, so the full collection after each operation costs
+        # ~0 ms instead of ~30 ms (and forked pages stay shared).
+        gc.freeze()
         return self
 
     def stop(self) -> None:
+        self.sampler.stop()
         self.db.close()
+
+    def after_operation(self) -> None:
+        """Return the operation's memory, watch the floor, say if this child will go."""
+        memory.release()
+        self.leaks.observe(memory.rss())
+        reason = memory.recycle_reason(self.settings.max_memory_per_child_mb * 2**20)
+        if reason is not None:
+            self.recycles["memory"] = self.recycles.get("memory", 0) + 1
+            log.warning("recycle pid=%d reason=%s: the child is replaced after this operation",
+                        os.getpid(), reason)
 
     def ensure_schema(self) -> None:
         """Apply migrations once per process (serialised across processes by a lock)."""

@@ -40,6 +40,16 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("REPOINDEX_STATEMENT_TIMEOUT_MS", "5000", "Statement timeout of search queries."),
     ("REPOINDEX_IDLE_TX_TIMEOUT_MS", "60000",
      "idle_in_transaction_session_timeout of our sessions (a server-side backstop)."),
+    ("REPOINDEX_MAX_MEMORY_PER_CHILD_MB", "512",
+     "A child whose peak RSS passed this is replaced after its operation (README: Memory)."),
+    ("REPOINDEX_SAMPLE_SECONDS", "10", "Period of each child's resource sampler."),
+    ("REPOINDEX_LEAK_WARMUP", "20", "Operations per child before leak detection starts."),
+    ("REPOINDEX_LEAK_WINDOW", "50", "Operations per window of the memory leak detector."),
+    ("REPOINDEX_LEAK_WINDOWS", "3",
+     "Consecutive windows whose RSS floor must grow before a leak is suspected."),
+    ("REPOINDEX_LEAK_MIN_GROWTH_KB", "1024", "Growth of a window's RSS floor that counts."),
+    ("REPOINDEX_TRACEMALLOC", "0",
+     "1: trace allocations and write a top-25 diff file when a leak is suspected."),
     ("REPOINDEX_LOG_FORMAT", "text", "`text` or `json` (one JSON object per line)."),
     ("REPOINDEX_LOG_LEVEL", "INFO", "Log level of the worker and the CLI."),
     ("SENTRY_DSN", "(unset)", "Send task errors and leak warnings to Sentry when set."),
@@ -83,6 +93,13 @@ class Settings:
     pool_timeout: int = 30
     statement_timeout_ms: int = 5000
     idle_tx_timeout_ms: int = 60_000
+    max_memory_per_child_mb: int = 512
+    sample_seconds: float = 10.0
+    leak_warmup: int = 20
+    leak_window: int = 50
+    leak_windows: int = 3
+    leak_min_growth_kb: int = 1024
+    tracemalloc: bool = False
     log_format: str = "text"
     log_level: str = "INFO"
     sentry_dsn: str = ""
@@ -117,6 +134,13 @@ class Settings:
             pool_timeout=_int(env, "REPOINDEX_DB_POOL_TIMEOUT", 30, minimum=1),
             statement_timeout_ms=_int(env, "REPOINDEX_STATEMENT_TIMEOUT_MS", 5000),
             idle_tx_timeout_ms=_int(env, "REPOINDEX_IDLE_TX_TIMEOUT_MS", 60_000),
+            max_memory_per_child_mb=_int(env, "REPOINDEX_MAX_MEMORY_PER_CHILD_MB", 512),
+            sample_seconds=float(_int(env, "REPOINDEX_SAMPLE_SECONDS", 10, minimum=1)),
+            leak_warmup=_int(env, "REPOINDEX_LEAK_WARMUP", 20),
+            leak_window=_int(env, "REPOINDEX_LEAK_WINDOW", 50, minimum=2),
+            leak_windows=_int(env, "REPOINDEX_LEAK_WINDOWS", 3, minimum=1),
+            leak_min_growth_kb=_int(env, "REPOINDEX_LEAK_MIN_GROWTH_KB", 1024),
+            tracemalloc=env.get("REPOINDEX_TRACEMALLOC", "0").strip() in ("1", "true", "yes"),
             log_format=log_format,
             log_level=(env.get("REPOINDEX_LOG_LEVEL") or "INFO").upper(),
             sentry_dsn=env.get("SENTRY_DSN", "").strip(),

@@ -50,6 +50,7 @@ class OperationTask(Task[Any, Any]):
                 error = exc
                 raise
             finally:
+                rt.after_operation()
                 self._finish(rt, run, scope, result, error)
 
     def _finish(self, rt: runtime.Runtime, run: ledger.Run, scope: ResourceManager | None,

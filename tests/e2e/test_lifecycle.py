@@ -93,13 +93,6 @@ def warm_up(app: Any, worker: WorkerProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def probe_table() -> Iterator[None]:
-    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS probe_rows (tag text)")
-    yield
-
-
-@pytest.fixture(scope="module")
 def lifecycle_worker(probe_table: None) -> Iterator[WorkerProcess]:
     proc = start_worker("lifecycle", concurrency=2, queue="lifecycle")
     yield proc
