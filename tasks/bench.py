@@ -233,7 +233,8 @@ def _stop_run(env: dict[str, str], tmp: Path, queue: str, *, op_seconds: float,
     queued = int(broker.llen(queue))
     broker.close()
     temp_dir = Path(env["REPOINDEX_TEMP_DIR"])
-    temp_left = [n for n in os.listdir(temp_dir) if int(n.split("-", 1)[0]) in pids] \
+    temp_left = [n for n in os.listdir(temp_dir)
+                 if n.split("-", 1)[0].isdigit() and int(n.split("-", 1)[0]) in pids] \
         if temp_dir.exists() else []
     with psycopg.connect(env["DATABASE_URL"]) as conn:
         done = conn.execute("SELECT count(*) FROM canary WHERE job_id = ANY(%s)",

@@ -287,6 +287,40 @@ def bench_shutdown_cmd(runs: int, op_seconds: float, grace: float, json_out: str
     write_json(json_out, doc)
 
 
+@bench.command("soak")
+@click.option("--ops", default=5000, show_default=True, help="Number of operations.")
+@click.option("--duration", help="Run for a time instead, e.g. 24h, 90m, 600s.")
+@click.option("--batch", default=20, show_default=True)
+@click.option("--png", default="soak.png", show_default=True, help="Where the plot goes.")
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_soak_cmd(ops: int, duration: str | None, batch: int, png: str,
+                   json_out: str | None) -> None:
+    """Mixed operations through a real worker; per-child RSS, USS, fds and sessions."""
+    from pathlib import Path
+
+    from tasks.bench import table, write_json
+    from tasks.soak import soak
+
+    seconds = None
+    if duration:
+        units = {"s": 1, "m": 60, "h": 3600}
+        if duration[-1] not in units or not duration[:-1].isdigit():
+            raise click.BadParameter("use a number and s, m or h, e.g. 24h", param_hint="duration")
+        seconds = float(duration[:-1]) * units[duration[-1]]
+    doc = soak(ops, seconds, batch, Path(png), click.echo)
+    rows = [("operations", str(doc["operations"])), ("failed jobs", str(doc["failed"])),
+            ("leak warnings", str(doc["leak_warnings"])),
+            ("suspected memory leaks", str(doc["suspected_memory_leaks"])),
+            ("max PostgreSQL sessions", str(doc["max_server_connections"]))]
+    for pid, child in doc["children"].items():
+        rows += [(f"child {pid}: fd growth after warm-up", str(child["fd_growth_after_warmup"])),
+                 (f"child {pid}: RSS slope", f"{child['rss_slope_bytes_per_op']:.1f} B/op"),
+                 (f"child {pid}: max RSS", f"{child['max_rss_mib']:.1f} MiB")]
+    rows.append(("plot", doc["png"]))
+    click.echo(table(rows))
+    write_json(json_out, doc)
+
+
 def _connection() -> Any:
     from workers import db
     from workers.settings import Settings

@@ -126,6 +126,7 @@ class LeakDetector:
         if self.trace_dir is None or self._snapshot is None:
             return None
         now = _snapshot()
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
         path = self.trace_dir / f"memory-{os.getpid()}-{int(time.time())}.txt"
         stats = now.compare_to(self._snapshot, "lineno")[:25]
         path.write_text("".join(f"{s}\n" for s in stats), encoding="utf-8")

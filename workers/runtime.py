@@ -86,7 +86,7 @@ class Runtime:
         self.leaks = memory.LeakDetector(
             warmup=settings.leak_warmup, window=settings.leak_window,
             windows=settings.leak_windows, min_growth=settings.leak_min_growth_kb * 1024,
-            trace_dir=settings.temp_dir if settings.tracemalloc else None,
+            trace_dir=settings.temp_dir / "tracemalloc" if settings.tracemalloc else None,
             report=alerts.report_memory)
         self.recycles: dict[str, int] = {}
         self._schema_ready = False

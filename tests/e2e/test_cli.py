@@ -138,3 +138,14 @@ def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
     assert (summary["ours"]["sigkilled"], summary["ours"]["jobs_not_accounted"],
             summary["ours"]["temp_left"], summary["ours"]["half_written"]) == (0, 0, 0, 0)
     assert summary["stock"]["sigkilled"] == 1 and summary["stock"]["temp_left"] == 2
+    png = tmp_path / "soak.png"
+    out = runner.invoke(main, ["bench", "soak", "--ops", "60", "--png", str(png),
+                               "--json-out", str(tmp_path / "soak.json")])
+    assert out.exit_code == 0, out.output
+    soak = json.loads((tmp_path / "soak.json").read_text())
+    assert soak["operations"] == 60 and soak["failed"] == 6  # the rotation's bad inputs
+    assert soak["leak_warnings"] == 0 and soak["suspected_memory_leaks"] == 0
+    assert [c["fd_growth_after_warmup"] for c in soak["children"].values()] == [0, 0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = runner.invoke(main, ["bench", "soak", "--duration", "soon"])
+    assert out.exit_code == 2 and "use a number and s, m or h" in out.output

@@ -54,7 +54,8 @@ def assert_same(after: dict[int, dict[str, Any]], before: dict[int, dict[str, An
 def server_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
     """(state, count) of our sessions that are not idle (active or idle in transaction)."""
     return db.execute("SELECT state, count(*) FROM pg_stat_activity WHERE application_name ="
-                      " 'repoindex' AND state <> 'idle' GROUP BY state").fetchall()
+                      " 'repoindex' AND state <> 'idle' AND datname = current_database()"
+                      " GROUP BY state").fetchall()
 
 
 def queue_of(worker: WorkerProcess) -> str:

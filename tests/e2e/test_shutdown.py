@@ -39,6 +39,12 @@ def ledger_states(db: psycopg.Connection[Any], job_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+def temp_areas(temp_root: Path) -> list[tuple[int, str]]:
+    """(pid, name) of the per-operation temp areas (other entries are not ours to judge)."""
+    return [(int(n.split("-", 1)[0]), n) for n in os.listdir(temp_root)
+            if n.split("-", 1)[0].isdigit()]
+
+
 def our_processes(worker_pids: list[int], roots: Path) -> list[int]:
     """Worker processes still alive, and git processes reading our test repositories."""
     alive = [p for p in worker_pids if psutil.pid_exists(p)
@@ -51,7 +57,8 @@ def our_processes(worker_pids: list[int], roots: Path) -> list[int]:
 
 def not_idle_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
     return db.execute("SELECT state, count(*) FROM pg_stat_activity WHERE application_name ="
-                      " 'repoindex' AND state <> 'idle' GROUP BY state").fetchall()
+                      " 'repoindex' AND state <> 'idle' AND datname = current_database()"
+                      " GROUP BY state").fetchall()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +95,7 @@ def test_sigterm_with_operations_in_flight(celery_app: Any, db: psycopg.Connecti
     print(f"exit after SIGTERM with 3 operations in flight: {elapsed:.2f}s")
     assert elapsed < 30
     assert our_processes(pids, roots) == []
-    assert not [n for n in os.listdir(temp_root) if int(n.split("-", 1)[0]) in pids]
+    assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
     assert not_idle_sessions(db) == []
     assert db.execute("SELECT count(*) FROM repositories WHERE name = ANY(%s)",
                       (names,)).fetchone() == (0,)
@@ -192,9 +199,8 @@ def test_job_that_kills_its_child_every_time_is_failed(celery_app: Any,
     assert single.proc is not None and single.proc.poll() is None
     assert single.log().count("swept 1 temp area(s) left by dead worker processes") == 3
     [child] = single.children()
-    assert [n for n in os.listdir(temp_root) if not n.startswith(f"{child}-")
-            and int(n.split("-", 1)[0]) not in (single.pid,)
-            and not psutil.pid_exists(int(n.split("-", 1)[0]))] == []
+    assert [n for pid, n in temp_areas(temp_root)
+            if pid not in (child, single.pid) and not psutil.pid_exists(pid)] == []
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "group SIGTERM", "SIGTERM twice",
@@ -225,7 +231,7 @@ def test_every_way_of_stopping_is_safe(celery_app: Any, db: psycopg.Connection[A
     print(f"{how}: exit after {time.monotonic() - started:.2f}s")
     assert [p for p in pids if psutil.pid_exists(p)
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
-    assert not [n for n in os.listdir(temp_root) if int(n.split("-", 1)[0]) in pids]
+    assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
     assert queue_length(queue) == len(jobs)
     for job in jobs:
         assert ledger_states(db, job.id) in (["interrupted"], [])  # the 3rd never started
