@@ -138,6 +138,7 @@ def bench_index(files: int, runs: int, echo: Callable[[str], None]) -> dict[str,
                 result = index(f"bench{run}")
                 samples["rss_growth"].append(max(0, _status(child, "VmHWM") - rss_before))
                 samples["ours"].append(result["seconds"])
+                samples.setdefault("git_peak_rss", []).append(result["git_peak_rss"])
                 samples["nochange"].append(index(f"bench{run}")["seconds"])
                 echo(f"run {run + 1}/{runs}: ours {result['seconds']:.2f}s floor "
                      f"{samples['floor'][-1]:.2f}s no-change {samples['nochange'][-1]:.3f}s")

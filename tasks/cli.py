@@ -241,6 +241,8 @@ def bench_index_cmd(files: int, runs: int, json_out: str | None) -> None:
         ("no-change re-index", f"{med['nochange']:.3f} s"),
         ("peak RSS growth of the child (max)",
          f"{max(doc['samples']['rss_growth']) / 2**20:.1f} MiB"),
+        ("peak RSS of a git process (max)",
+         f"{max(doc['samples']['git_peak_rss']) / 2**20:.1f} MiB"),
     ]))
     write_json(json_out, doc)
 

@@ -7,6 +7,7 @@ it commits, and an interrupted operation leaves nothing behind.
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -87,7 +88,13 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
     read = len(wanted)
     del wanted, kinds  # the per-run lists go now; the lifecycle collects and trims after
     return {"repository": args.name, "commit": commit, **counts, "read": read,
-            "bytes": read_bytes, "seconds": round(time.perf_counter() - started, 3)}
+            "bytes": read_bytes, "seconds": round(time.perf_counter() - started, 3),
+            "git_peak_rss": git_peak_rss()}
+
+
+def git_peak_rss() -> int:
+    """Largest peak RSS of any git process this worker child has reaped, in bytes."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 def delete_repository(rm: ResourceManager, name: str) -> dict[str, Any]:

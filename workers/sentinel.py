@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import psutil
 log = logging.getLogger("repoindex.leak")
 IGNORED_THREAD_PREFIXES = ("sentry-sdk",)  # Sentry starts its transport thread lazily
 IGNORED_FD_TARGETS = frozenset({"anon_inode:[eventpoll]"})  # kombu's pollers
+RECHECK_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,13 @@ class Sentinel:
         if start is None:
             return []
         end = self.snapshot()
-        leaks = [*self._fd_leaks(end.fds - start.fds)]
+        new_fds = end.fds - start.fds
+        if new_fds:
+            # Other threads of the process (the sampler reading /proc, the pool connecting
+            # in the background) hold fds for a moment: only what is still there counts.
+            time.sleep(RECHECK_SECONDS)
+            new_fds &= open_fds()
+        leaks = [*self._fd_leaks(new_fds)]
         leaks += [Leak("thread", f"thread={name} ident={ident}")
                   for ident, name in sorted(end.threads - start.threads)]
         leaks += [Leak("process", f"pid={pid}") for pid in sorted(end.children - start.children)]

@@ -208,7 +208,7 @@ def test_thousand_operations_ten_percent_failing(probe_table: None, celery_app: 
         assert server_sessions(db) == []
         for state in inside_states(celery_app, worker).values():
             assert state["pool"]["checked_out"] == 0
-            assert state["leaks"] == {}
+            assert state["leaks"] == {}, "\n".join(leak_lines(worker))
         assert leak_lines(worker) == []
         ledger = dict(db.execute("SELECT state, count(*) FROM runs WHERE task = 'probe.random_op'"
                                  " GROUP BY state").fetchall())
