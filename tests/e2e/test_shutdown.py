@@ -213,8 +213,10 @@ def test_every_way_of_stopping_is_safe(celery_app: Any, db: psycopg.Connection[A
     jobs = [] if how.startswith("idle") else [
         celery_app.send_task("probe.sleep", queue=queue, kwargs={"seconds": 60, "tag": str(i)})
         for i in range(3)]
-    wait_until(lambda: sum(j.state == "STARTED" for j in jobs) == min(len(jobs), 2), 60,
-               "operations started")
+    # inside their operations: the ledger row is written when the scope opens (STARTED is
+    # reported a moment earlier, before the row exists)
+    wait_until(lambda: sum(ledger_states(db, j.id) == ["running"] for j in jobs)
+               == min(len(jobs), 2), 60, "operations running")
     pids = [worker.pid, *worker.children()]
     started = time.monotonic()
     if how == "SIGINT":
