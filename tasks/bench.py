@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from workers import devservices
+from workers import devservices, memory
 
 GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
 
@@ -53,14 +53,6 @@ def make_repo(path: Path, files: int) -> Path:
     subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
     subprocess.run([*GIT, "-C", str(path), "commit", "-qm", "bench"], check=True)
     return path
-
-
-def _status(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def floor_index(database_url: str, repo: Path) -> float:
@@ -134,9 +126,10 @@ def bench_index(files: int, runs: int, echo: Callable[[str], None]) -> dict[str,
                 _reset(ep.database_url)
                 samples["floor"].append(floor_index(ep.database_url, repo))
                 _reset(ep.database_url)
-                rss_before = _status(child, "VmRSS")
+                rss_before = memory.proc_status(child, "VmRSS")
                 result = index(f"bench{run}")
-                samples["rss_growth"].append(max(0, _status(child, "VmHWM") - rss_before))
+                peak = memory.proc_status(child, "VmHWM")
+                samples["rss_growth"].append(max(0, peak - rss_before))
                 samples["ours"].append(result["seconds"])
                 samples.setdefault("git_peak_rss", []).append(result["git_peak_rss"])
                 samples["nochange"].append(index(f"bench{run}")["seconds"])

@@ -77,3 +77,11 @@ def generated(repo: Path, files: int = 2000, *, large_bytes: int = 200_000,
     write(repo / "pkg0/obj.o", b"ignored object")
     commit(repo, "generated")
     return special
+
+
+def generated_many(roots: Path, prefix: str, count: int, files: int) -> list[Path]:
+    """``count`` generated repositories ``roots/prefix-N`` of ``files`` files each."""
+    repos = [roots / f"{prefix}-{i}" for i in range(count)]
+    for repo in repos:
+        generated(repo, files=files)
+    return repos

@@ -15,7 +15,7 @@ import pytest
 from workers import resources
 from workers.db import Database
 from workers.errors import ResourceError
-from workers.resources import ResourceManager, State, current, safe_name, scope
+from workers.resources import ResourceManager, State, current, safe_name
 from workers.settings import Settings
 
 
@@ -207,7 +207,7 @@ def test_temp_area_and_paths_removed(tmp_path: Path) -> None:
 def test_current_scope_contextvar() -> None:
     with pytest.raises(ResourceError, match="no resource scope is open"):
         current()
-    with scope("op17") as rm:
+    with ResourceManager("op17") as rm:
         assert current() is rm
     with pytest.raises(ResourceError):
         current()

@@ -13,7 +13,7 @@ import pytest
 from tasks.classify import classify, decode_path, language
 from tasks.search import like_pattern, search
 from workers import logs
-from workers.errors import BadInput, CleanupError, ConfigError
+from workers.errors import BadInput, ConfigError
 from workers.ledger import error_text
 from workers.scrub import scrub
 from workers.settings import VARIABLES, Settings
@@ -79,7 +79,6 @@ def test_error_text() -> None:
     assert error_text(ValueError("a\nb")) == "ValueError: a"
     assert error_text(RuntimeError()) == "RuntimeError"
     assert "returned to the queue" in (error_text(SystemExit()) or "")
-    assert "cleanup step(s) failed" in str(CleanupError([("files", OSError("x"))]))
 
 
 def test_json_logs_carry_context(capsys: pytest.CaptureFixture[str]) -> None:

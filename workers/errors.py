@@ -37,12 +37,3 @@ class LimitExceeded(RepoindexError):
 
 class ResourceError(RepoindexError):
     """The resource scope was misused (acquire after close) or could not acquire."""
-
-
-class CleanupError(RepoindexError):
-    """One or more release steps of a resource scope failed."""
-
-    def __init__(self, failures: list[tuple[str, BaseException]]) -> None:
-        kinds = ", ".join(f"{kind}: {exc!r}" for kind, exc in failures)
-        super().__init__(f"{len(failures)} cleanup step(s) failed: {kinds}")
-        self.failures = failures

@@ -50,6 +50,15 @@ def rss() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
+def proc_status(pid: int | str, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def peak_rss() -> int:
     """Peak RSS of this process so far, in bytes (what worker_max_memory_per_child checks)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -25,8 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -330,13 +329,6 @@ def safe_name(text: str) -> str:
     """A file-name-safe rendering of an operation id or temp name."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
     return cleaned.strip(".") or "op"
-
-
-@contextmanager
-def scope(op_id: str, **kw: Any) -> Iterator[ResourceManager]:
-    """``with scope(...) as rm:`` — the same as ``with ResourceManager(...)``."""
-    with ResourceManager(op_id, **kw) as rm:
-        yield rm
 
 
 class AsyncResourceManager:

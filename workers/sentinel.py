@@ -47,12 +47,13 @@ class Leak:
     detail: str
 
 
-def open_fds() -> frozenset[tuple[int, str]]:
-    """(fd, target) pairs of this process; numbers alone are reused, targets tell apart."""
+def open_fds(pid: int | str = "self") -> frozenset[tuple[int, str]]:
+    """(fd, target) pairs of a process (this one by default); numbers alone are reused,
+    targets tell them apart."""
     pairs = set()
-    for name in os.listdir("/proc/self/fd"):
+    for name in os.listdir(f"/proc/{pid}/fd"):
         try:
-            pairs.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+            pairs.add((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
         except OSError:  # the fd of the listdir itself, closed meanwhile
             continue
     return frozenset(pairs)

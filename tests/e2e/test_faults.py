@@ -15,8 +15,13 @@ from celery import Celery
 
 from tests import gitrepo
 from tests.conftest import start_worker
-from tests.e2e.test_lifecycle import inside_states, leak_lines
-from tests.e2e.test_shutdown import ledger_states, not_idle_sessions, wait_until
+from tests.e2e.support import (
+    inside_states,
+    leak_lines,
+    ledger_states,
+    server_sessions,
+    wait_until,
+)
 from workers.devservices import RedisServer
 
 
@@ -76,7 +81,7 @@ def test_postgres_backends_terminated_mid_operation(celery_app: Any,
                            (job.id,)).fetchone()
         assert error is not None and error[0].startswith("retrying after:")
         time.sleep(0.5)
-        assert not_idle_sessions(db) == []
+        assert server_sessions(db) == []
         assert leak_lines(worker) == [], "\n".join(leak_lines(worker))
         again = celery_app.send_task("repoindex.index_repository", queue=queue,
                                      kwargs={"source": str(repo), "name": "pg-terminate"})

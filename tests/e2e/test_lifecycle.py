@@ -3,7 +3,6 @@ outside (/proc of each child, pg_stat_activity) and from inside (pool stats, sen
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import time
@@ -11,86 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 import pytest
 
 from tests.conftest import run, start_worker
+from tests.e2e.support import (
+    assert_same,
+    fleet_state,
+    inside_states,
+    leak_lines,
+    send,
+    server_sessions,
+    warm_up,
+)
 from workers.launcher import WorkerProcess
-
-
-def child_state(pid: int, temp_root: Path) -> dict[str, Any]:
-    """What a worker child holds, read from outside the process."""
-    fds = set()
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            fds.add((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
-        except OSError:
-            continue
-    temp = sorted(n for n in os.listdir(temp_root) if n.startswith(f"{pid}-")) \
-        if temp_root.exists() else []
-    return {"fds": fds, "threads": len(os.listdir(f"/proc/{pid}/task")),
-            "children": [c.pid for c in psutil.Process(pid).children()], "temp": temp}
-
-
-def fleet_state(worker: WorkerProcess, temp_root: Path) -> dict[int, dict[str, Any]]:
-    return {pid: child_state(pid, temp_root) for pid in sorted(worker.children())}
-
-
-def assert_same(after: dict[int, dict[str, Any]], before: dict[int, dict[str, Any]]) -> None:
-    """Equal, or a readable list of what each child gained and lost."""
-    assert sorted(after) == sorted(before), "children were replaced"
-    diffs = {}
-    for pid, state in after.items():
-        base = before[pid]
-        delta = {k: (sorted(set(state[k]) - set(base[k])), sorted(set(base[k]) - set(state[k])))
-                 if k in ("fds", "children", "temp") else (state[k], base[k])
-                 for k in state if state[k] != base[k]}
-        if delta:
-            diffs[pid] = delta
-    assert not diffs, f"children differ from their baseline (gained, lost): {diffs}"
-
-
-def server_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
-    """(state, count) of our sessions that are not idle (active or idle in transaction)."""
-    return db.execute("SELECT state, count(*) FROM pg_stat_activity WHERE application_name ="
-                      " 'repoindex' AND state <> 'idle' AND datname = current_database()"
-                      " GROUP BY state").fetchall()
-
-
-def queue_of(worker: WorkerProcess) -> str:
-    assert worker.queue is not None
-    return worker.queue
-
-
-def send(app: Any, worker: WorkerProcess, task: str, **kwargs: Any) -> Any:
-    """Send to ``worker``'s own queue: the session's shared worker must not take it."""
-    return app.send_task(task, kwargs=kwargs, queue=queue_of(worker))
-
-
-def inside_states(app: Any, worker: WorkerProcess) -> dict[int, dict[str, Any]]:
-    """probe.state from every child of ``worker`` (batches until each pid has answered)."""
-    wanted, seen = set(worker.children()), {}
-    for _ in range(10):
-        batch = [send(app, worker, "probe.state", hold=0.3)
-                 for _ in range(2 * len(wanted))]
-        for r in batch:
-            state = r.get(timeout=60)
-            seen.setdefault(state["pid"], state)
-        if wanted <= set(seen):
-            return {pid: seen[pid] for pid in wanted}
-    raise AssertionError(f"children {wanted - set(seen)} never answered")
-
-
-def warm_up(app: Any, worker: WorkerProcess) -> None:
-    """First operations open lazy connections (result backend, pool): not leaks. Each
-    child must run one, so they are sent at once and each holds its child a moment."""
-    n = 2 * len(worker.children())
-    results = [send(app, worker, "probe.everything", tag=f"warm{i}", sleep=0.3)
-               for i in range(n)]
-    for r in results:
-        r.get(timeout=60)
-    inside_states(app, worker)
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +31,6 @@ def lifecycle_worker(probe_table: None) -> Iterator[WorkerProcess]:
     proc = start_worker("lifecycle", concurrency=2, queue="lifecycle")
     yield proc
     assert proc.stop() == 0
-
-
-def leak_lines(worker: WorkerProcess) -> list[str]:
-    return [ln for ln in worker.log().splitlines()
-            if "leak op=" in ln or "ResourceWarning" in ln or "cleanup step failed" in ln]
 
 
 def test_scenario1_fifty_files_back_to_baseline(lifecycle_worker: WorkerProcess, celery_app: Any,

@@ -13,18 +13,11 @@ import pytest
 
 from tests import gitrepo
 from tests.conftest import start_worker
-from tests.e2e.test_shutdown import wait_until
+from tests.e2e.support import wait_until
 from workers.launcher import WorkerProcess
+from workers.memory import proc_status
 
 MIB = 1 << 20
-
-
-def status(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def reset_peak(pid: int) -> None:
@@ -63,19 +56,19 @@ def test_large_repository_bounded_and_back_to_baseline(celery_app: Any, roots: P
     for i in range(3):
         index(celery_app, one_child, small, f"warm{i}")
     [child] = one_child.children()
-    baseline = status(child, "VmRSS")
+    baseline = proc_status(child, "VmRSS")
     reset_peak(child)
     result = index(celery_app, one_child, repo_10k, "mem10k")
     assert result["read"] > 10_000
-    growth = status(child, "VmHWM") - baseline
-    after = status(child, "VmRSS")
+    growth = proc_status(child, "VmHWM") - baseline
+    after = proc_status(child, "VmRSS")
     print(f"baseline {baseline / MIB:.1f} MiB, peak growth {growth / MIB:.1f} MiB, "
           f"after {after / MIB:.1f} MiB")
     assert growth <= 64 * MIB
     assert after <= 1.10 * baseline
     for i in range(3):
         index(celery_app, one_child, repo_10k if i % 2 else small, f"again{i}")
-        assert status(child, "VmRSS") <= 1.10 * baseline
+        assert proc_status(child, "VmRSS") <= 1.10 * baseline
     assert one_child.children() == [child]
 
 

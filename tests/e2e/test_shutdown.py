@@ -14,35 +14,17 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-import redis
 
 from tests import gitrepo
 from tests.conftest import start_worker
+from tests.e2e.support import (
+    ledger_states,
+    queue_length,
+    server_sessions,
+    temp_areas,
+    wait_until,
+)
 from workers.launcher import WorkerProcess
-
-
-def queue_length(queue: str) -> int:
-    return int(redis.Redis.from_url(os.environ["REDIS_URL"]).llen(queue))
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def ledger_states(db: psycopg.Connection[Any], job_id: str) -> list[str]:
-    rows = db.execute("SELECT state FROM runs WHERE job_id = %s ORDER BY id", (job_id,))
-    return [r[0] for r in rows]
-
-
-def temp_areas(temp_root: Path) -> list[tuple[int, str]]:
-    """(pid, name) of the per-operation temp areas (other entries are not ours to judge)."""
-    return [(int(n.split("-", 1)[0]), n) for n in os.listdir(temp_root)
-            if n.split("-", 1)[0].isdigit()]
 
 
 def our_processes(worker_pids: list[int], roots: Path) -> list[int]:
@@ -55,20 +37,9 @@ def our_processes(worker_pids: list[int], roots: Path) -> list[int]:
     return alive
 
 
-def not_idle_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
-    return db.execute("SELECT state, count(*) FROM pg_stat_activity WHERE application_name ="
-                      " 'repoindex' AND state <> 'idle' AND datname = current_database()"
-                      " GROUP BY state").fetchall()
-
-
 @pytest.fixture(scope="module")
 def big_repos(roots: Path) -> list[Path]:
-    repos = []
-    for i in range(3):
-        repo = roots / f"shutdown-big-{i}"
-        gitrepo.generated(repo, files=6000)
-        repos.append(repo)
-    return repos
+    return gitrepo.generated_many(roots, "shutdown-big", 3, files=6000)
 
 
 def in_progress(job: Any) -> bool:
@@ -96,7 +67,7 @@ def test_sigterm_with_operations_in_flight(celery_app: Any, db: psycopg.Connecti
     assert elapsed < 30
     assert our_processes(pids, roots) == []
     assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
-    assert not_idle_sessions(db) == []
+    assert server_sessions(db) == []
     assert db.execute("SELECT count(*) FROM repositories WHERE name = ANY(%s)",
                       (names,)).fetchone() == (0,)
     assert queue_length(queue) == 3
@@ -119,12 +90,7 @@ def test_sigterm_with_operations_in_flight(celery_app: Any, db: psycopg.Connecti
 
 @pytest.fixture(scope="module")
 def thirty_repos(roots: Path) -> list[Path]:
-    repos = []
-    for i in range(30):
-        repo = roots / f"replica-{i}"
-        gitrepo.generated(repo, files=400)
-        repos.append(repo)
-    return repos
+    return gitrepo.generated_many(roots, "replica", 30, files=400)
 
 
 def test_three_replicas_one_stopped_mid_run(celery_app: Any, db: psycopg.Connection[Any],
@@ -181,7 +147,7 @@ def test_sigkill_of_a_child_mid_operation(celery_app: Any, db: psycopg.Connectio
     assert ledger_states(db, job.id) == ["lost", "succeeded"]
     assert db.execute("SELECT count(*) FROM repositories WHERE name = %s",
                       (name,)).fetchone() == (1,)
-    assert not_idle_sessions(db) == []
+    assert server_sessions(db) == []
 
 
 def test_job_that_kills_its_child_every_time_is_failed(celery_app: Any,
