@@ -122,3 +122,18 @@ def test_launcher_timeout_and_kill(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not logged within"):
         proc.start(ready_timeout=1)
     assert proc.stop(timeout=0.5) == -9
+
+
+def test_ledger_hands_back_the_result_of_a_job_that_already_succeeded(
+        db: psycopg.Connection[Any]) -> None:
+    """A message redelivered after its operation committed (the ack was lost to a
+    shutdown) is not run again: the earlier attempt's result is handed back."""
+    migrate(db)
+    job = f"done-{os.getpid()}"
+    first = ledger.start(db, job_id=job, task="t", max_lost=3)
+    assert first.completed is None
+    ledger.finish(db, first, repository="r", result={"files": 7}, error=None, cleanup=None)
+    again = ledger.start(db, job_id=job, task="t", max_lost=3)
+    assert (again.id, again.attempt, again.completed) == (first.id, 1, {"files": 7})
+    states = db.execute("SELECT state FROM runs WHERE job_id = %s", (job,)).fetchall()
+    assert states == [("succeeded",)]

@@ -29,6 +29,9 @@ class Run:
     id: int
     job_id: str
     attempt: int
+    # set when an earlier attempt of the same job already succeeded (its result): a
+    # message redelivered after its operation committed but before it was acknowledged
+    completed: dict[str, Any] | None = None
 
 
 _START = """
@@ -55,7 +58,12 @@ RETURNING id, attempt, error
 
 def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int) -> Run:
     """Record a new attempt (one statement); refuse a job that has killed its worker
-    ``max_lost`` times."""
+    ``max_lost`` times; hand back the result of one that already succeeded."""
+    done = conn.execute("SELECT id, attempt, counts FROM runs WHERE job_id = %s"
+                        " AND state = 'succeeded' ORDER BY id LIMIT 1", (job_id,)).fetchone()
+    if done is not None:
+        conn.commit()
+        return Run(int(done[0]), job_id, int(done[1]), completed=done[2] or {})
     row = conn.execute(_START, {"job": job_id, "task": task, "worker": socket.gethostname(),
                                 "pid": os.getpid(), "max_lost": max_lost,
                                 "lost_error": LOST_ERROR}).fetchone()

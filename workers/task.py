@@ -19,7 +19,7 @@ from celery import Task
 
 from workers import ledger, logs, runtime
 from workers.errors import RepoindexError
-from workers.resources import ResourceManager
+from workers.resources import ResourceManager, outcome_of
 
 log = logging.getLogger("repoindex.task")
 Progress = Callable[[int, int], None]
@@ -38,6 +38,10 @@ class OperationTask(Task[Any, Any]):
         job_id = self.request.id or f"local-{uuid.uuid4()}"
         with logs.bound(job=job_id):
             run = rt.begin_run(job_id, self.name)
+            if run.completed is not None:
+                log.info("duplicate delivery of %s ignored: attempt %d already succeeded",
+                         job_id, run.attempt)
+                return run.completed
             scope: ResourceManager | None = None
             result: Any = None
             error: BaseException | None = None
@@ -58,9 +62,8 @@ class OperationTask(Task[Any, Any]):
         report = scope.report if scope else None
         repo = scope.repo if scope else ""
         if error is not None:
-            log.error("operation %s op=%s repo=%s error=%s; %s",
-                      "interrupted" if isinstance(error, SystemExit | KeyboardInterrupt)
-                      else "failed", run.job_id, repo or "-", ledger.error_text(error),
+            log.error("operation %s op=%s repo=%s error=%s; %s", outcome_of(error),
+                      run.job_id, repo or "-", ledger.error_text(error),
                       report.line() if report else "no scope")
         try:
             with rt.db.connection() as conn:
