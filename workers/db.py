@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from workers.errors import ResourceError
 from workers.settings import Settings
@@ -39,6 +39,53 @@ def session_options(settings: Settings) -> str:
             "-c application_name=repoindex")
 
 
+class _Connection(psycopg.Connection[Any]):
+    """Remembers why the last connection attempt of its pool failed (the server's words)."""
+
+    last_error: str | None = None
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        try:
+            conn = super().connect(conninfo, **kwargs)
+        except psycopg.OperationalError as exc:
+            cls.last_error = " ".join(str(exc).split())[-300:]
+            raise
+        cls.last_error = None
+        return conn
+
+
+class _Pool(ConnectionPool[Any]):
+    """Counts the connections handed out (``pool_size - pool_available`` also counts the
+    ones being made while the server is away, which are nobody's), and turns
+    ``PoolTimeout`` into one clear line: how long, how big, what the server said."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.checked_out = 0
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        with self._count_lock:
+            self.checked_out -= 1
+        super().putconn(conn)
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        try:
+            conn: psycopg.Connection[Any] = super().getconn(timeout)
+        except PoolTimeout:
+            waited = self.timeout if timeout is None else timeout
+            reason = getattr(self.connection_class, "last_error", None)
+            raise ResourceError(
+                f"no database connection within {waited:g} s (REPOINDEX_DB_POOL_TIMEOUT;"
+                f" at most {self.max_size} per worker child"
+                + (f"; the server said: {reason})" if reason else
+                   ", all in use)")) from None
+        with self._count_lock:
+            self.checked_out += 1
+        return conn
+
+
 class Database:
     """Owns one ``ConnectionPool`` for this process."""
 
@@ -47,8 +94,11 @@ class Database:
         self.state = PoolState.UNOPENED
         self.pool_sockets: set[str] = set()  # /proc fd targets the pool owns (leak sentinel)
         self._lock = threading.Lock()
-        self._pool = ConnectionPool(
+        # a class per pool: the last connection error is this pool's own
+        connection_class = type("Connection", (_Connection,), {"last_error": None})
+        self._pool = _Pool(
             settings.database_url,
+            connection_class=connection_class,
             min_size=settings.pool_min,
             max_size=settings.pool_max,
             timeout=settings.pool_timeout,
@@ -94,7 +144,7 @@ class Database:
         keys = ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting",
                 "requests_num", "requests_errors", "connections_lost", "returns_bad")
         stats = {k: int(raw.get(k, 0)) for k in keys}
-        stats["checked_out"] = stats["pool_size"] - stats["pool_available"]
+        stats["checked_out"] = self._pool.checked_out
         return stats
 
     @contextmanager
