@@ -9,7 +9,9 @@ dangerous transports disabled.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import threading
 from collections import deque
@@ -170,8 +172,11 @@ def _parse_tree_record(record: bytes) -> TreeEntry:
 
 
 def _watchdog(stop: threading.Event, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Kill the whole process group at the deadline: git's own children (a remote helper,
+    ssh, an alias) hold its stdout open, so killing git alone would leave the read blocked."""
     if not stop.wait(timeout) and proc.poll() is None:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # exited just now
+            os.killpg(proc.pid, signal.SIGKILL)  # the scope starts it in a group of its own
 
 
 def _finish(proc: subprocess.Popen[bytes], what: str) -> None:
