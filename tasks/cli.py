@@ -90,7 +90,30 @@ def _stderr() -> Any:
     return Console(stderr=True)
 
 
-@click.group()
+class _Group(click.Group):
+    """Turns an unreachable broker or result backend into one clear line and exit code 3,
+    instead of kombu's traceback after its retries."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        try:
+            return super().invoke(ctx)
+        except (OperationalError, RedisConnectionError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "result store" not in str(exc):
+                raise
+            from workers.scrub import scrub
+            from workers.settings import Settings
+
+            url = scrub(Settings.from_env().redis_url)
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            click.echo(f"repoindex: cannot reach Redis at {url} ({scrub(reason)});"
+                       " is it running and is REDIS_URL right?", err=True)
+            sys.exit(3)
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """repoindex: index git repositories into PostgreSQL with Celery workers."""
 
