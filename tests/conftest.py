@@ -108,22 +108,50 @@ def celery_app() -> Any:
 
 
 def start_worker(name: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), queue: str | None = None) -> WorkerProcess:
+                 args: tuple[str, ...] = (), queue: str | None = None,
+                 wait: bool = True) -> WorkerProcess:
     """A real ``celery worker`` running the product app plus the probe tasks; with
     ``queue`` it consumes only that queue, so no other test's worker takes its jobs."""
     unique = f"{name}-{uuid.uuid4().hex[:6]}"
     log = Path(SESSION["tmp"]) / f"{unique}.log"
     full_env = {**os.environ, **(env or {})}
     return WorkerProcess(full_env, name=unique, log_path=log, concurrency=concurrency,
-                         app="tests.app", args=args, queue=queue).start()
+                         app="tests.app", args=args, queue=queue).start(wait=wait)
 
 
 @pytest.fixture(scope="session")
-def worker() -> Iterator[WorkerProcess]:
-    """One long-lived worker (2 prefork children) shared by the functional tests."""
-    proc = start_worker("shared")
-    yield proc
-    assert proc.stop() == 0
+def worker(celery_app: Any, probe_table: None, temp_root: Path) -> Iterator[WorkerProcess]:
+    """One long-lived worker (2 prefork children, Celery's default queue) shared by the
+    functional tests. After the whole suite its children must be exactly where they were
+    after warm-up: same fds, threads, child processes and temp areas, no connection
+    checked out, no leak reported."""
+    from tests.e2e.support import assert_same, fleet_state, inside_states, leak_lines, warm_up
+
+    proc = start_worker("shared", queue="celery")
+    try:
+        warm_up(celery_app, proc)
+        before = _comparable(fleet_state(proc, temp_root), inside_states(celery_app, proc))
+        yield proc
+        inside = inside_states(celery_app, proc)
+        for state in inside.values():
+            assert state["leaks"] == {} and state["pool"]["checked_out"] == 0, state
+        assert_same(_comparable(fleet_state(proc, temp_root), inside), before)
+        assert leak_lines(proc) == [], "\n".join(leak_lines(proc))
+    finally:
+        assert proc.stop() == 0
+
+
+def _comparable(outside: dict[int, dict[str, Any]],
+                inside: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A child's state with its sockets as one count net of its pool's connections: other
+    tests terminate server sessions (the pool replaces them: new socket inodes) and a
+    pool may grow to its max between operations; neither is a leak."""
+    out = {}
+    for pid, state in outside.items():
+        sockets = {fd for fd in state["fds"] if fd[1].startswith("socket:")}
+        out[pid] = {**state, "fds": state["fds"] - sockets,
+                    "sockets_beyond_pool": len(sockets) - inside[pid]["pool"]["pool_size"]}
+    return out
 
 
 def run(app: Any, task: str, timeout: float = 120, queue: str | None = None,

@@ -20,6 +20,12 @@ from workers.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    lines = (ROOT / "ops" / "Dockerfile").read_text().splitlines()
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), users
+
+
 def test_compose_file_parses(tmp_path: Path) -> None:
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose is not installed (.ci/run installs it)")

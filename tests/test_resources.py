@@ -288,3 +288,24 @@ def test_async_scope_reports_a_task_that_ignores_cancellation(tmp_path: Path) ->
 
     failures = asyncio.run(main())
     assert [f[0] for f in failures] == ["tasks"]
+
+
+def test_hung_git_is_killed_by_its_watchdog_and_reaped(tmp_path: Path) -> None:
+    """A git that never finishes (an alias running ``sleep``), streaming or not: killed at
+    the timeout with a clear error; it and its own children are reaped."""
+    from tasks.git import Git, _finish, run
+    from workers.errors import SourceError
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    hang = ("-c", "alias.hang=!sleep 30", "hang")
+    with ResourceManager("op-hang") as rm:
+        git = Git(rm, tmp_path, timeout=0.5)
+        with (pytest.raises(SourceError, match=r"git hang failed \(killed after the git timeout"),
+              git._start(*hang) as proc):
+            assert proc.stdout is not None
+            proc.stdout.read()
+            _finish(proc, "hang")
+        with pytest.raises(SourceError, match=r"git hang timed out after 0\.5s"):
+            run(rm, ["git", *hang], 0.5, env={"PATH": os.environ["PATH"]}, what="hang")
+        assert rm.live()["processes"] == 0 and rm.live()["threads"] == 0
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before

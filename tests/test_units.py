@@ -120,6 +120,28 @@ def test_search_input_errors(db: psycopg.Connection[Any]) -> None:
     assert db.execute("SELECT count(*) >= 0 FROM blobs").fetchone() == (True,)
 
 
+def test_expensive_search_is_cut_by_the_statement_timeout(db: psycopg.Connection[Any]) -> None:
+    """A regular expression over 4 MB of text with a 1 ms budget: a clear error, and the
+    connection is usable afterwards (the rows live in a transaction that is rolled back)."""
+    from workers.db import migrate
+
+    migrate(db)
+    with db.transaction():
+        repo = db.execute("INSERT INTO repositories (name, source, ref) VALUES"
+                          " ('slow-search', '/x', 'HEAD') RETURNING id").fetchone()
+        assert repo is not None
+        big = "ab" * (2 << 20)
+        db.execute("INSERT INTO blobs (sha, size, is_binary, content) VALUES ('slow', %s,"
+                   " false, %s)", (len(big), big))
+        db.execute("INSERT INTO files (repo_id, path, sha, mode, kind) VALUES"
+                   " (%s, 'big.txt', 'slow', 33188, 'text')", (repo[0],))
+        with pytest.raises(BadInput, match="search took longer than 1 ms"):
+            search(db, "(a|b)*c$", regex=True, repo="slow-search", timeout_ms=1)
+        raise psycopg.Rollback()
+    assert db.execute("SELECT count(*) FROM repositories WHERE name = 'slow-search'"
+                      ).fetchone() == (0,)
+
+
 def test_leak_reaches_sentry_fingerprinted_by_kind() -> None:
     """With a DSN, a leak becomes one warning event fingerprinted by kind (no network)."""
     import sentry_sdk

@@ -159,6 +159,11 @@ class PostgresServer:
                   "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
         return self
 
+    def restart(self) -> None:
+        """Fast shutdown (sessions terminated) and start again on the same port and data."""
+        self._run(find_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart",
+                  "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1")
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             with contextlib.suppress(ConfigError):

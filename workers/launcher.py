@@ -33,12 +33,14 @@ class WorkerProcess:
                      *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, ready_timeout: float = 60.0) -> WorkerProcess:
+    def start(self, *, ready_timeout: float = 60.0, wait: bool = True) -> WorkerProcess:
+        """Start; with ``wait`` (default) return once the worker logged that it is ready."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
-        self.wait_for_log(" ready.", ready_timeout)
+        if wait:
+            self.wait_for_log(" ready.", ready_timeout)
         return self
 
     @property

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -89,3 +91,148 @@ def test_postgres_backends_terminated_mid_operation(celery_app: Any,
     finally:
         assert worker.stop() == 0
     assert os.path.isdir(repo)
+
+
+def test_redis_unreachable_at_worker_start(tmp_path: Path) -> None:
+    """The worker says it cannot connect and retries; once Redis is there it works."""
+    from workers.devservices import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    queue = f"late-redis-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("late-redis", concurrency=1, queue=queue, wait=False,
+                          env={"REDIS_URL": url})
+    server = None
+    try:
+        worker.wait_for_log("Cannot connect to redis://", 60)
+        assert "Trying again in" in worker.log()
+        server = RedisServer(tmp_path, port=port).start()
+        worker.wait_for_log(" ready.", 60)
+        client = Celery(broker=url, backend=url)
+        try:
+            job = client.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 0})
+            assert job.get(timeout=60)["seconds"] < 5
+        finally:
+            client.close()
+    finally:
+        assert worker.stop() == 0
+        if server is not None:
+            server.stop()
+
+
+def _with_login(url: str, login: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{login}@{parts.hostname}:{parts.port or 5432}"))
+
+
+@pytest.fixture
+def limited_role(db: psycopg.Connection[Any]) -> Iterator[str]:
+    """A login role allowed ``2`` server connections, with our tables' privileges."""
+    from workers.db import migrate
+
+    migrate(db)  # as the owner: a role without CREATE cannot (README: `repoindex migrate`)
+    role = f"ri_limited_{uuid.uuid4().hex[:6]}"
+    db.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
+    db.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+    db.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    db.execute(f"GRANT ALL ON SCHEMA public TO {role}")
+    yield role
+    db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+               (role,))
+    wait_until(lambda: db.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                                  (role,)).fetchone() == (0,), 30, "role's sessions gone")
+    db.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
+    db.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}")
+    db.execute(f"REVOKE ALL ON SCHEMA public FROM {role}")
+    db.execute(f"DROP ROLE {role}")
+
+
+def test_connection_budget_exhausted(limited_role: str, db: psycopg.Connection[Any],
+                                     celery_app: Any) -> None:
+    """Three children, a server budget of two connections, a 2 s pool timeout: operations
+    that cannot get a connection fail with a clear error, none hangs; once the budget is
+    raised the pool recovers and every child works."""
+    url = _with_login(os.environ["DATABASE_URL"], limited_role)
+    queue = f"budget-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("budget", concurrency=3, queue=queue,
+                          env={"DATABASE_URL": url, "REPOINDEX_DB_POOL_MIN": "1",
+                               "REPOINDEX_DB_POOL_MAX": "1", "REPOINDEX_DB_POOL_TIMEOUT": "2"})
+    try:
+        jobs = [celery_app.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 0.5})
+                for _ in range(9)]
+        for job in jobs:
+            job.get(timeout=60, propagate=False)
+        failed = [str(j.result) for j in jobs if j.state == "FAILURE"]
+        assert {j.state for j in jobs} == {"SUCCESS", "FAILURE"}, failed
+        assert all(f.startswith("no database connection within 2 s") for f in failed), failed
+        assert all("too many connections for role" in f for f in failed), failed
+        sessions = db.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                              (limited_role,)).fetchone()
+        assert sessions == (2,)
+        db.execute(f"ALTER ROLE {limited_role} CONNECTION LIMIT 3")
+        wait_until(lambda: db.execute("SELECT count(*) FROM pg_stat_activity WHERE"
+                                      " usename = %s", (limited_role,)).fetchone() == (3,),
+                   30, "the third child's pool connected")
+        again = [celery_app.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 0.3})
+                 for _ in range(9)]
+        assert all(j.get(timeout=60)["seconds"] < 5 for j in again)
+        for state in inside_states(celery_app, worker).values():
+            assert state["pool"]["checked_out"] == 0 and state["pool"]["pool_size"] == 1
+        assert leak_lines(worker) == [], "\n".join(leak_lines(worker))
+    finally:
+        assert worker.stop() == 0
+
+
+def test_postgres_restarted_mid_run(tmp_path: Path, celery_app: Any, roots: Path) -> None:
+    """A throwaway server (never the user's) restarted under a running index: the operation
+    is retried and succeeds, the pools reconnect, nothing is left behind."""
+    from workers.devservices import PostgresServer
+
+    server = PostgresServer(tmp_path).start()
+    repo = roots / "pg-restart"
+    gitrepo.generated(repo, files=6000)
+    queue = f"pg-restart-{uuid.uuid4().hex[:6]}"
+    worker = None
+    try:
+        worker = start_worker("pg-restart", concurrency=1, queue=queue,
+                              env={"DATABASE_URL": server.url})
+        job = celery_app.send_task("repoindex.index_repository", queue=queue,
+                                   kwargs={"source": str(repo), "name": "pg-restart"})
+        wait_until(lambda: job.state == "PROGRESS", 120, "operation in progress")
+        server.restart()
+        result = job.get(timeout=300)
+        assert result["files"] == len(gitrepo.tracked(repo))
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            assert ledger_states(conn, job.id)[-1] == "succeeded"
+            assert "retried" in ledger_states(conn, job.id)
+            assert server_sessions(conn) == []
+        assert leak_lines(worker) == [], worker.log()[-8000:]
+    finally:
+        if worker is not None:
+            assert worker.stop() == 0
+        server.stop()
+
+
+def test_credentials_never_reach_logs_or_results(tmp_path: Path, celery_app: Any,
+                                                 roots: Path) -> None:
+    """A password in DATABASE_URL (trust auth accepts and ignores it) appears nowhere:
+    not in the worker's log, a job's error, the ledger or the stats reply."""
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    url = _with_login(os.environ["DATABASE_URL"], f"{getpass.getuser()}:{secret}")
+    queue = f"secret-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("secret", concurrency=1, queue=queue, env={"DATABASE_URL": url})
+    try:
+        bad = celery_app.send_task("repoindex.index_repository", queue=queue,
+                                   kwargs={"source": f"https://user:{secret}@127.0.0.1:9/x.git"})
+        bad.get(timeout=60, propagate=False)
+        assert bad.state == "FAILURE" and secret not in str(bad.result)
+        assert "user:***@" in str(bad.result)
+        stats = celery_app.control.inspect(destination=[worker.name + "@" + os.uname().nodename],
+                                           timeout=5).stats()
+        assert stats and secret not in str(stats)
+    finally:
+        assert worker.stop() == 0
+    assert secret not in worker.log()
+    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+        assert conn.execute("SELECT count(*) FROM runs WHERE error LIKE %s",
+                            (f"%{secret}%",)).fetchone() == (0,)
