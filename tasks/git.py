@@ -66,6 +66,7 @@ class Git:
         self.rm = rm
         self.git_dir = git_dir
         self.timeout = timeout
+        self.expired: set[int] = set()  # pids its watchdogs killed at the deadline
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -103,7 +104,8 @@ class Git:
         proc = self.rm.popen(self._argv(*args), stdin=subprocess.PIPE if stdin else None,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=git_env())
         try:
-            watchdog = self.rm.start_thread(lambda stop: _watchdog(stop, proc, self.timeout),
+            watchdog = self.rm.start_thread(lambda stop: _watchdog(stop, proc, self.timeout,
+                                                                   self.expired),
                                             name=f"git-watchdog-{proc.pid}")
             try:
                 yield proc
@@ -122,7 +124,7 @@ class Git:
                 rest = records.pop()
                 for record in records:
                     yield _parse_tree_record(record)
-            _finish(proc, "ls-tree")
+            _finish(proc, "ls-tree", self.expired)
 
     def read_blobs(self, shas: Iterable[str], window: int = 128) -> Iterator[tuple[str, bytes]]:
         """Contents of ``shas``, in order, through one ``git cat-file --batch``.
@@ -138,7 +140,7 @@ class Git:
                 header = out.readline().split()
                 if len(header) != 3:
                     if not header:
-                        _finish(proc, "cat-file")
+                        _finish(proc, "cat-file", self.expired)
                     raise SourceError(f"git cat-file: object {pending[0]} is missing")
                 data = out.read(int(header[2]))
                 out.read(1)
@@ -146,7 +148,7 @@ class Git:
                 if len(pending) <= window // 2:
                     self._request(proc, pending, todo, window)
             proc.stdin.close()
-            _finish(proc, "cat-file")
+            _finish(proc, "cat-file", self.expired)
 
     @staticmethod
     def _request(proc: subprocess.Popen[bytes], pending: deque[str], todo: Iterator[str],
@@ -171,18 +173,21 @@ def _parse_tree_record(record: bytes) -> TreeEntry:
     return TreeEntry(int(mode, 8), sha.decode(), None if size == b"-" else int(size), path)
 
 
-def _watchdog(stop: threading.Event, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _watchdog(stop: threading.Event, proc: subprocess.Popen[bytes], timeout: float,
+              expired: set[int]) -> None:
     """Kill the whole process group at the deadline: git's own children (a remote helper,
     ssh, an alias) hold its stdout open, so killing git alone would leave the read blocked."""
     if not stop.wait(timeout) and proc.poll() is None:
+        expired.add(proc.pid)
         with contextlib.suppress(ProcessLookupError):  # exited just now
             os.killpg(proc.pid, signal.SIGKILL)  # the scope starts it in a group of its own
 
 
-def _finish(proc: subprocess.Popen[bytes], what: str) -> None:
+def _finish(proc: subprocess.Popen[bytes], what: str, expired: set[int]) -> None:
     code = proc.wait()
     if code != 0:
-        reason = "killed after the git timeout" if code == -9 else f"exit status {code}"
+        reason = ("killed after the git timeout" if proc.pid in expired else
+                  f"killed by signal {-code}" if code < 0 else f"exit status {code}")
         raise SourceError(f"git {what} failed ({reason})")
 
 

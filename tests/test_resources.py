@@ -304,7 +304,7 @@ def test_hung_git_is_killed_by_its_watchdog_and_reaped(tmp_path: Path) -> None:
               git._start(*hang) as proc):
             assert proc.stdout is not None
             proc.stdout.read()
-            _finish(proc, "hang")
+            _finish(proc, "hang", git.expired)
         with pytest.raises(SourceError, match=r"git hang timed out after 0\.5s"):
             run(rm, ["git", *hang], 0.5, env={"PATH": os.environ["PATH"]}, what="hang")
         assert rm.live()["processes"] == 0 and rm.live()["threads"] == 0

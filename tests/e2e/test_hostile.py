@@ -165,7 +165,7 @@ def test_git_process_killed_mid_read(strict: WorkerProcess, celery_app: Any, roo
     found[0].send_signal(signal.SIGKILL)
     job.get(timeout=120, propagate=False)
     assert job.state == "FAILURE"
-    assert "git cat-file failed" in str(job.result), job.result
+    assert str(job.result) == "git cat-file failed (killed by signal 9)", job.result
     assert ledger_states(db, job.id) == ["failed"]
     assert repo_files(db, "git-killed") == {}
     assert server_sessions(db) == []
