@@ -28,10 +28,23 @@ def init(dsn: str, **options: Any) -> bool:
     if not dsn:
         return False
     from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.logging import ignore_logger
 
     sentry_sdk.init(dsn=dsn, integrations=[CeleryIntegration()],
                     before_send=_scrub_event, **options)
+    ignore_logger("repoindex.task")  # its failure lines are sent by report_failure instead
     return True
+
+
+def report_failure(task: str, job_id: str, error: BaseException) -> None:
+    """A failed operation, grouped by task and error type (not by job or message)."""
+    if not sentry_sdk.get_client().is_active():
+        return
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["repoindex-task-failed", task, type(error).__name__]
+        scope.set_tag("task", task)
+        scope.set_tag("job", job_id)
+        sentry_sdk.capture_exception(error)
 
 
 def report_leak(leak: Leak, op_id: str) -> None:
@@ -43,6 +56,17 @@ def report_leak(leak: Leak, op_id: str) -> None:
         scope.set_tag("leak_kind", leak.kind)
         scope.set_tag("op", op_id)
         sentry_sdk.capture_message(f"leak kind={leak.kind} {leak.detail}", level="warning")
+
+
+def report_child_died(worker: str, pid: int) -> None:
+    """From the main process: a child ended without shutting down (SIGKILL, OOM, crash)."""
+    if not sentry_sdk.get_client().is_active():
+        return
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["repoindex-child-died"]
+        scope.set_tag("worker", worker)
+        sentry_sdk.capture_message(f"worker child pid={pid} of {worker} died without shutting"
+                                   " down (killed or crashed)", level="error")
 
 
 def report_memory(text: str) -> None:

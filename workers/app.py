@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from celery import Celery
 
-from workers import hooks
+from workers import hooks, monitor
 
 
 def create_app() -> Celery:
     app = Celery("repoindex")
     app.config_from_object("celeryconfig")
     hooks.connect()
+    app.steps["worker"].add(monitor.Monitor)
     return app
 
 

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import signals
 
-from workers import logs, runtime, shutdown
+from workers import logs, monitor, runtime, shutdown
 from workers.settings import Settings
 
 log = logging.getLogger("repoindex.hooks")
@@ -22,7 +23,8 @@ def on_setup_logging(**_: Any) -> None:
 def on_process_init(**_: Any) -> None:
     # Runs in each prefork child after fork; must return within worker_proc_alive_timeout,
     # hence the pool opens with wait=False.
-    runtime.start()
+    monitor.close_inherited()
+    runtime.start(child_of=os.getppid())
 
 
 def on_process_shutdown(**_: Any) -> None:
@@ -47,7 +49,9 @@ def on_task_prerun(task_id: str | None = None, **_: Any) -> None:
 
 def on_task_postrun(task_id: str | None = None, **_: Any) -> None:
     if task_id:
-        runtime.current().sentinel.after(task_id)
+        rt = runtime.current()
+        rt.sentinel.after(task_id)
+        rt.publish()
 
 
 _RECEIVERS = (

@@ -77,13 +77,18 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
 def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
            result: Any, error: BaseException | None, cleanup: CleanupReport | None) -> None:
     """Close the attempt's row with its outcome, counts, error text and cleanup report."""
-    state = "retried" if isinstance(error, Retry) else outcome_of(error)
+    state = state_of(error)
     counts = result if isinstance(result, dict) else None
     conn.execute(
         "UPDATE runs SET state = %s, finished_at = now(), repository = coalesce(%s, repository),"
         " counts = %s, error = %s, cleanup = %s WHERE id = %s",
         (state, repository or None, json.dumps(counts) if counts is not None else None,
          error_text(error), json.dumps(cleanup.as_dict()) if cleanup else None, run.id))
+
+
+def state_of(error: BaseException | None) -> str:
+    """succeeded, failed, interrupted (shutdown) or retried: the ledger's and the metrics'."""
+    return "retried" if isinstance(error, Retry) else outcome_of(error)
 
 
 def error_text(error: BaseException | None) -> str | None:

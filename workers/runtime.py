@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from workers import alerts, ledger, memory
+from workers import alerts, ledger, memory, metrics
 from workers.db import Database, migrate
 from workers.resources import ResourceManager
-from workers.sampler import Sampler, collect, log_sample
+from workers.sampler import Sample, Sampler, collect, log_sample
 from workers.sentinel import Sentinel
 from workers.settings import Settings
 
@@ -71,8 +71,10 @@ def sweep_temp(temp_root: Path) -> list[str]:
 class Runtime:
     """Per-process state; ``start``/``stop`` are idempotent."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stats_directory: Path | None = None) -> None:
         self.settings = settings
+        self.stats = metrics.ChildStats(stats_directory)
+        self.exit_reason = "clean"  # the last word published at shutdown
         self.db = Database(settings)
         self.sentinel = Sentinel(
             temp_root=settings.temp_dir,
@@ -82,13 +84,12 @@ class Runtime:
             report=alerts.report_leak,
         )
         self.sampler = Sampler(settings.sample_seconds, lambda: collect(self.db.stats),
-                               log_sample)
+                               self._on_sample)
         self.leaks = memory.LeakDetector(
             warmup=settings.leak_warmup, window=settings.leak_window,
             windows=settings.leak_windows, min_growth=settings.leak_min_growth_kb * 1024,
             trace_dir=settings.temp_dir / "tracemalloc" if settings.tracemalloc else None,
             report=alerts.report_memory)
-        self.recycles: dict[str, int] = {}
         self._schema_ready = False
 
     def start(self) -> Runtime:
@@ -105,7 +106,21 @@ class Runtime:
 
     def stop(self) -> None:
         self.sampler.stop()
+        self.publish(exit=self.exit_reason)
         self.db.close()
+
+    def _on_sample(self, sample: Sample) -> None:
+        log_sample(sample)
+        self.publish()  # keeps the pool figures of an idle child fresh
+
+    def publish(self, exit: str | None = None) -> None:
+        """This child's counters for the main process (metrics, stats); cheap (~0.1 ms)."""
+        pool = self.db.stats()
+        leaks = dict(self.sentinel.counts)
+        if self.leaks.suspected:
+            leaks["memory"] = self.leaks.suspected
+        self.stats.publish(self.stats.document(leaks=leaks, pool=pool,
+                                               returns_bad=pool["returns_bad"], exit=exit))
 
     def after_operation(self) -> None:
         """Return the operation's memory, watch the floor, say if this child will go."""
@@ -113,7 +128,7 @@ class Runtime:
         self.leaks.observe(memory.rss())
         reason = memory.recycle_reason(self.settings.max_memory_per_child_mb * 2**20)
         if reason is not None:
-            self.recycles["memory"] = self.recycles.get("memory", 0) + 1
+            self.exit_reason = "memory"
             log.warning("recycle pid=%d reason=%s: the child is replaced after this operation",
                         os.getpid(), reason)
 
@@ -135,12 +150,17 @@ class Runtime:
             return ledger.start(conn, job_id=job_id, task=task, max_lost=self.settings.max_lost)
 
 
-def start(settings: Settings | None = None) -> Runtime:
-    """Build and start this process's runtime (in a prefork child: after fork)."""
+def start(settings: Settings | None = None, *, child_of: int | None = None) -> Runtime:
+    """Build and start this process's runtime (in a prefork child: after fork, with
+    ``child_of`` the main process, whose metrics read what this child publishes)."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime(settings or Settings.from_env()).start()
+            settings = settings or Settings.from_env()
+            directory = (metrics.stats_dir(settings.temp_dir, child_of)
+                         if child_of is not None else None)
+            _runtime = Runtime(settings, directory).start()
+            _runtime.publish()
         return _runtime
 
 

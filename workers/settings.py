@@ -53,6 +53,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("REPOINDEX_LOG_FORMAT", "text", "`text` or `json` (one JSON object per line)."),
     ("REPOINDEX_LOG_LEVEL", "INFO", "Log level of the worker and the CLI."),
     ("SENTRY_DSN", "(unset)", "Send task errors and leak warnings to Sentry when set."),
+    ("REPOINDEX_METRICS_PORT", "9808",
+     "Port of each worker replica's Prometheus `/metrics` (0: off)."),
+    ("REPOINDEX_METRICS_ADDR", "127.0.0.1",
+     "Address `/metrics` binds to; `0.0.0.0` to let a Prometheus on another host scrape."),
+    ("FLOWER_USER", "admin", "User name `repoindex flower` requires."),
+    ("FLOWER_PASSWORD", "(required)", "Password `repoindex flower` requires (no default)."),
 )
 
 
@@ -103,6 +109,8 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     sentry_dsn: str = ""
+    metrics_port: int = 9808
+    metrics_addr: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -144,4 +152,6 @@ class Settings:
             log_format=log_format,
             log_level=(env.get("REPOINDEX_LOG_LEVEL") or "INFO").upper(),
             sentry_dsn=env.get("SENTRY_DSN", "").strip(),
+            metrics_port=_int(env, "REPOINDEX_METRICS_PORT", 9808),
+            metrics_addr=env.get("REPOINDEX_METRICS_ADDR", "").strip() or "127.0.0.1",
         )

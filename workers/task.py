@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Task
 
-from workers import ledger, logs, runtime
+from workers import alerts, ledger, logs, runtime
 from workers.errors import RepoindexError
 from workers.resources import ResourceManager, outcome_of
 
@@ -42,6 +42,7 @@ class OperationTask(Task[Any, Any]):
                 log.info("duplicate delivery of %s ignored: attempt %d already succeeded",
                          job_id, run.attempt)
                 return run.completed
+            began = time.monotonic()
             scope: ResourceManager | None = None
             result: Any = None
             error: BaseException | None = None
@@ -56,11 +57,15 @@ class OperationTask(Task[Any, Any]):
             finally:
                 rt.after_operation()
                 self._finish(rt, run, scope, result, error)
+                rt.stats.record(self.name, ledger.state_of(error), time.monotonic() - began,
+                                len(scope.report.failures) if scope and scope.report else 0)
 
     def _finish(self, rt: runtime.Runtime, run: ledger.Run, scope: ResourceManager | None,
                 result: Any, error: BaseException | None) -> None:
         report = scope.report if scope else None
         repo = scope.repo if scope else ""
+        if error is not None and ledger.state_of(error) == "failed":
+            alerts.report_failure(self.name, run.job_id, error)
         if error is not None:
             log.error("operation %s op=%s repo=%s error=%s; %s", outcome_of(error),
                       run.job_id, repo or "-", ledger.error_text(error),

@@ -1,0 +1,319 @@
+"""Resource and outcome figures of one worker replica, per child, for Prometheus,
+``inspect stats``, Flower and ``repoindex stats``.
+
+Why not prometheus_client's multiprocess mode: it keeps one mmap file per metric type per
+pid for ever (counters of dead children must stay, or their counts vanish), so a worker
+recycling children grows its directory without bound, and it needs the environment set
+before any import. Here each prefork child publishes one small JSON snapshot of its own
+counters (``<stats dir>/<pid>.json``, written atomically after each operation); the main
+process reads the live children's files plus ``/proc`` for fds/RSS/USS/threads, and folds
+the file of a child that has gone into the replica's ``retired`` totals before deleting it.
+So: no series lost when a child is replaced (counters are per replica, monotonic), no
+stale per-child series (those come only from live children), and at most one file per
+live child. prometheus_client still does the exposition and the HTTP server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("repoindex.metrics")
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Label values present from the start at 0: an alert on increase() cannot see the first
+# event of a series that appears with value 1 (no earlier sample to compare with).
+LEAK_KINDS = ("fd", "thread", "process", "temp", "connection", "memory")
+RECYCLE_REASONS = ("memory", "max_tasks", "died")
+CLEANUP_OUTCOMES = ("clean", "failed")
+POOL_KEYS = ("pool_max", "pool_size", "pool_available", "requests_waiting", "checked_out")
+
+
+def stats_dir(temp_dir: Path, main_pid: int) -> Path:
+    """Where the children of the worker whose main process is ``main_pid`` publish."""
+    return temp_dir / f"stats-{main_pid}"
+
+
+# -- child side --------------------------------------------------------------------------
+@dataclass
+class ChildStats:
+    """Counters of one prefork child, published as ``<directory>/<pid>.json``."""
+
+    directory: Path | None = None  # None: not a prefork child; counts kept, nothing written
+    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
+    buckets: dict[str, list[int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cleanups: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, task: str, outcome: str, seconds: float, cleanup_failures: int) -> None:
+        """One finished operation (any outcome)."""
+        with self._lock:
+            self.operations[(task, outcome)] += 1
+            counts = self.buckets.setdefault(task, [0] * (len(BUCKETS) + 1))
+            counts[next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))] += 1
+            self.seconds[task] = self.seconds.get(task, 0.0) + seconds
+            self.cleanups["failed" if cleanup_failures else "clean"] += 1
+
+    def document(self, *, leaks: Mapping[str, int], pool: Mapping[str, int],
+                 returns_bad: int, exit: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pid": os.getpid(), "ts": time.time(), "exit": exit,
+                "operations": [[t, o, n] for (t, o), n in sorted(self.operations.items())],
+                "durations": {t: {"buckets": list(c), "sum": self.seconds[t]}
+                              for t, c in self.buckets.items()},
+                "cleanups": dict(self.cleanups),
+                "leaks": dict(leaks), "pool": {k: int(pool.get(k, 0)) for k in POOL_KEYS},
+                "returns_bad": returns_bad,
+            }
+
+    def publish(self, doc: dict[str, Any]) -> None:
+        """Atomically replace this child's file (no-op outside a prefork child)."""
+        if self.directory is None:
+            return
+        path = self.directory / f"{doc['pid']}.json"
+        tmp = path.with_name(f".{doc['pid']}.{threading.get_ident()}.tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # figures are best effort; the operation is not affected
+            log.warning("could not publish worker-child stats to %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+# -- main-process side ---------------------------------------------------------------------
+@dataclass
+class Totals:
+    """Counters of a replica: the sum of retired children and live ones."""
+
+    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
+    buckets: dict[str, list[int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cleanups: Counter[str] = field(default_factory=Counter)
+    leaks: Counter[str] = field(default_factory=Counter)
+    recycles: Counter[str] = field(default_factory=Counter)
+    returns_bad: int = 0
+
+    def add(self, doc: Mapping[str, Any]) -> None:
+        for task, outcome, n in doc.get("operations", []):
+            self.operations[(task, outcome)] += n
+        for task, hist in doc.get("durations", {}).items():
+            counts = self.buckets.setdefault(task, [0] * (len(BUCKETS) + 1))
+            for i, n in enumerate(hist["buckets"]):
+                counts[i] += n
+            self.seconds[task] = self.seconds.get(task, 0.0) + hist["sum"]
+        self.cleanups.update(doc.get("cleanups", {}))
+        self.leaks.update(doc.get("leaks", {}))
+        self.recycles.update(doc.get("recycles", {}))
+        self.returns_bad += int(doc.get("returns_bad", 0))
+
+    def copy(self) -> Totals:
+        out = Totals()
+        out.add(self.as_doc())
+        return out
+
+    def as_doc(self) -> dict[str, Any]:
+        return {
+            "operations": [[t, o, n] for (t, o), n in sorted(self.operations.items())],
+            "durations": {t: {"buckets": list(c), "sum": self.seconds[t]}
+                          for t, c in self.buckets.items()},
+            "cleanups": dict(self.cleanups), "leaks": dict(self.leaks),
+            "recycles": dict(self.recycles), "returns_bad": self.returns_bad,
+        }
+
+
+def process_figures(pid: int) -> dict[str, int] | None:
+    """fds, fd limit, RSS, USS and threads of a live process, read from /proc."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            mem = proc.memory_full_info()
+            return {"fds": proc.num_fds(), "fd_limit": proc.rlimit(psutil.RLIMIT_NOFILE)[0],
+                    "rss": mem.rss, "uss": mem.uss, "threads": proc.num_threads()}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _recycle_reason(exit: str | None, *, stopping: bool) -> str | None:
+    """Why a child that has gone was replaced. Its last word (``exit``) is ``memory`` when it
+    passed REPOINDEX_MAX_MEMORY_PER_CHILD_MB, ``clean`` when billiard ended it otherwise
+    (max tasks per child, or the worker stopping), missing when it was killed."""
+    if exit == "memory":
+        return "memory"
+    if stopping:
+        return None
+    return "max_tasks" if exit == "clean" else "died"
+
+
+class WorkerMetrics:
+    """The main process's view of its children; thread-safe; ``fold()`` is idempotent."""
+
+    def __init__(self, directory: Path, *, worker: str, memory_limit: int,
+                 children: Callable[[], list[int]],
+                 on_died: Callable[[str, int], None] | None = None) -> None:
+        self.on_died = on_died
+        self.directory = directory
+        self.worker = worker
+        self.memory_limit = memory_limit
+        self.children = children
+        self.retired = Totals()
+        self.stopping = False
+        self._lock = threading.Lock()
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return doc
+        except (OSError, ValueError):
+            return None
+
+    def fold(self, live: set[int] | None = None) -> dict[int, dict[str, Any]]:
+        """Fold the files of children that have gone; return the live children's docs."""
+        live = set(self.children()) if live is None else live
+        docs: dict[int, dict[str, Any]] = {}
+        with self._lock:
+            try:
+                paths = sorted(self.directory.glob("*.json"))
+            except OSError:
+                paths = []
+            for path in paths:
+                pid = int(path.stem) if path.stem.isdigit() else -1
+                doc = self._read(path)
+                if pid in live:
+                    if doc is not None:
+                        docs[pid] = doc
+                    continue
+                if doc is not None:
+                    self.retired.add(doc)
+                    reason = _recycle_reason(doc.get("exit"), stopping=self.stopping)
+                    if reason is not None:
+                        self.retired.recycles[reason] += 1
+                    if reason == "died":
+                        log.warning("worker child pid=%d ended without shutting down "
+                                    "(killed or crashed); its counters are kept", pid)
+                        if self.on_died is not None:
+                            self.on_died(self.worker, pid)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return docs
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything this replica knows, as one JSON-able document."""
+        live = sorted(self.children())
+        docs = self.fold(set(live))
+        with self._lock:
+            totals = self.retired.copy()
+        children = []
+        for pid in live:
+            figures = process_figures(pid)
+            if figures is None:
+                continue
+            doc = docs.get(pid, {})
+            totals.add(doc)
+            ops = sum(n for _, _, n in doc.get("operations", []))
+            children.append({"pid": pid, **figures, "operations": ops,
+                             "pool": doc.get("pool", {k: 0 for k in POOL_KEYS})})
+        return {"worker": self.worker, "pid": os.getpid(), "memory_limit": self.memory_limit,
+                "children": children, "totals": totals.as_doc()}
+
+
+class Collector:
+    """A prometheus_client collector of a ``WorkerMetrics`` (one snapshot per scrape)."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        snap = self.metrics.snapshot()
+        worker = snap["worker"]
+        per_child = (
+            ("child_open_fds", "Open file descriptors of a worker child.", "fds"),
+            ("child_fd_limit", "RLIMIT_NOFILE (soft) of a worker child.", "fd_limit"),
+            ("child_rss_bytes", "Resident set size of a worker child.", "rss"),
+            ("child_uss_bytes", "Unique set size of a worker child.", "uss"),
+            ("child_threads", "Threads of a worker child.", "threads"),
+        )
+        for name, doc, key in per_child:
+            fam = GaugeMetricFamily(f"repoindex_{name}", doc, labels=["worker", "pid"])
+            for child in snap["children"]:
+                fam.add_metric([worker, str(child["pid"])], child[key])
+            yield fam
+        pool = (
+            ("pool_max", "Most connections a child's pool may hold.", "pool_max"),
+            ("pool_size", "Connections in a child's pool (in use, idle or being made).",
+             "pool_size"),
+            ("pool_available", "Idle connections in a child's pool.", "pool_available"),
+            ("pool_checked_out", "Connections a child's operation holds.", "checked_out"),
+            ("pool_requests_waiting", "Requests waiting for a connection in a child's pool.",
+             "requests_waiting"),
+        )
+        for name, doc, key in pool:
+            fam = GaugeMetricFamily(f"repoindex_{name}", doc, labels=["worker", "pid"])
+            for child in snap["children"]:
+                fam.add_metric([worker, str(child["pid"])], child["pool"].get(key, 0))
+            yield fam
+        children = GaugeMetricFamily("repoindex_children", "Live prefork children.",
+                                     labels=["worker"])
+        children.add_metric([worker], len(snap["children"]))
+        yield children
+        limit = GaugeMetricFamily("repoindex_child_memory_limit_bytes",
+                                  "RSS above which a child is replaced after its operation.",
+                                  labels=["worker"])
+        limit.add_metric([worker], snap["memory_limit"])
+        yield limit
+        yield from self._counters(worker, snap["totals"], CounterMetricFamily,
+                                  HistogramMetricFamily)
+
+    @staticmethod
+    def _counters(worker: str, totals: dict[str, Any], counter: Any,
+                  histogram: Any) -> Iterator[Any]:
+        ops = counter("repoindex_operations", "Operations finished, by task and outcome.",
+                      labels=["worker", "task", "outcome"])
+        for task, outcome, n in totals["operations"]:
+            ops.add_metric([worker, task, outcome], n)
+        yield ops
+        hist = histogram("repoindex_operation_duration_seconds",
+                         "Wall time of operations, by task.", labels=["worker", "task"])
+        for task, data in sorted(totals["durations"].items()):
+            cumulative, running = [], 0
+            for bound, n in zip([*map(str, BUCKETS), "+Inf"], data["buckets"], strict=True):
+                running += n
+                cumulative.append((bound, running))
+            hist.add_metric([worker, task], cumulative, data["sum"])
+        yield hist
+        for name, doc, key, label, known in (
+            ("cleanups", "Operation cleanups, by outcome (clean or failed steps).",
+             "cleanups", "outcome", CLEANUP_OUTCOMES),
+            ("leaks", "Leaks detected after operations, by kind.", "leaks", "kind",
+             LEAK_KINDS),
+            ("child_recycles", "Worker children replaced, by reason.", "recycles", "reason",
+             RECYCLE_REASONS),
+        ):
+            fam = counter(f"repoindex_{name}", doc, labels=["worker", label])
+            values = dict.fromkeys(known, 0) | totals[key]
+            for value, n in sorted(values.items()):
+                fam.add_metric([worker, value], n)
+            yield fam
+        bad = counter("repoindex_pool_returns_bad", "Connections returned to a pool broken.",
+                      labels=["worker"])
+        bad.add_metric([worker], totals["returns_bad"])
+        yield bad

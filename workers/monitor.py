@@ -1,0 +1,140 @@
+"""The worker's main-process monitoring: a bootstep that serves ``/metrics``, adds the
+replica's resource state to ``inspect stats`` (and so to Flower's worker page), and the
+``repoindex_stats`` remote-control command behind ``repoindex stats``.
+
+Only the main process serves: it reads its children from ``/proc`` and their published
+counters (``workers.metrics``). The HTTP server is prometheus_client's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from typing import Any
+
+import psutil
+from celery import bootsteps
+from celery.worker.control import inspect_command
+
+from workers import alerts, metrics
+from workers.settings import Settings
+
+log = logging.getLogger("repoindex.monitor")
+_inherited: list[Any] = []  # the listening socket, closed in children after fork
+FOLD_SECONDS = 2.0
+
+
+def close_inherited() -> None:
+    """In a freshly forked child: close the main process's listening socket copy."""
+    for server in _inherited:
+        with contextlib.suppress(OSError):
+            server.socket.close()
+    _inherited.clear()
+
+
+def _sweep_stale(settings: Settings) -> None:
+    """Stats directories of worker main processes that are gone (SIGKILL)."""
+    with contextlib.suppress(OSError):
+        for entry in settings.temp_dir.glob("stats-*"):
+            pid = entry.name.removeprefix("stats-")
+            if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+class Monitor(bootsteps.StartStopStep):
+    """Started after the pool, stopped before it (so children leaving at shutdown are not
+    counted as recycled)."""
+
+    label = "repoindex monitor"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.metrics: metrics.WorkerMetrics | None = None
+        self.server: Any = None
+        self.server_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._folder: threading.Thread | None = None
+
+    def create(self, worker: Any) -> None:
+        worker.repoindex_monitor = self
+
+    def start(self, worker: Any) -> None:
+        settings = Settings.from_env()
+        _sweep_stale(settings)
+        me = psutil.Process()
+        self.metrics = metrics.WorkerMetrics(
+            metrics.stats_dir(settings.temp_dir, os.getpid()), worker=worker.hostname,
+            memory_limit=settings.max_memory_per_child_mb * 2**20,
+            children=lambda: [c.pid for c in me.children()], on_died=alerts.report_child_died)
+        alerts.init(settings.sentry_dsn)  # the main process's own errors and reports
+        self._stop.clear()
+        self._folder = threading.Thread(target=self._fold_loop, name="repoindex-metrics-fold",
+                                        daemon=True)
+        self._folder.start()
+        if settings.metrics_port:
+            self._serve(settings)
+
+    def _serve(self, settings: Settings) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        assert self.metrics is not None
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(metrics.Collector(self.metrics))
+        try:
+            self.server, self.server_thread = start_http_server(
+                settings.metrics_port, addr=settings.metrics_addr, registry=registry)
+        except OSError as exc:
+            log.error("metrics: cannot serve on %s:%d (%s); the worker runs without /metrics",
+                      settings.metrics_addr, settings.metrics_port, exc)
+            return
+        _inherited.append(self.server)
+        log.info("metrics: serving http://%s:%d/metrics", settings.metrics_addr,
+                 settings.metrics_port)
+
+    def _fold_loop(self) -> None:
+        # Children replaced while nobody scrapes: their files are folded here, so the
+        # directory never holds more than one file per live child (plus a moment).
+        while not self._stop.wait(FOLD_SECONDS):
+            if self.metrics is not None:
+                try:
+                    self.metrics.fold()
+                except Exception:  # pragma: no cover - keep folding
+                    log.exception("metrics: fold failed")
+
+    def stop(self, worker: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.stopping = True
+        self._stop.set()
+        if self._folder is not None:
+            self._folder.join(FOLD_SECONDS + 5)
+            self._folder = None
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            if self.server_thread is not None:
+                self.server_thread.join(5)
+            _inherited.clear()
+            self.server = None
+        if self.metrics is not None:
+            shutil.rmtree(self.metrics.directory, ignore_errors=True)
+
+    def terminate(self, worker: Any) -> None:  # what a cold shutdown calls
+        self.stop(worker)
+
+    def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]
+        """Merged into ``inspect stats`` (Flower shows it on the worker's page)."""
+        return {"repoindex": self.snapshot()}
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.metrics.snapshot() if self.metrics is not None else {}
+
+
+@inspect_command(name="repoindex_stats")
+def repoindex_stats(state: Any, **_: Any) -> dict[str, Any]:
+    """Per-child resources and per-replica outcomes of this worker (``repoindex stats``)."""
+    step = getattr(state.consumer.controller, "repoindex_monitor", None)
+    return step.snapshot() if step is not None else {}
