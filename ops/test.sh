@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source ops/venv.sh
 command -v redis-server >/dev/null || { echo "missing redis-server: apt-get install redis-server (or brew install redis)" >&2; exit 2; }
+command -v promtool >/dev/null && command -v prometheus >/dev/null \
+  || { echo "missing prometheus/promtool: apt-get install prometheus (or brew install prometheus)" >&2; exit 2; }
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
 echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy

@@ -219,6 +219,94 @@ def delete(name: str, as_json: bool) -> None:
     emit(doc, as_json, lambda: click.echo(_describe(doc)))
 
 
+def fleet_stats(timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Every worker replica's ``repoindex_stats`` reply, sorted by worker name."""
+    from workers.app import app
+
+    replies = app.control.broadcast("repoindex_stats", reply=True, timeout=timeout) or []
+    docs = [doc for reply in replies for doc in reply.values() if doc]
+    return sorted(docs, key=lambda d: str(d.get("worker")))
+
+
+def stats_table(docs: list[dict[str, Any]]) -> Any:
+    """One row per worker child, then one per replica's outcomes (rich renderables)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    mib = 2**20
+    children = Table(title="worker children", title_justify="left")
+    for col in ("worker", "pid", "fds", "fd limit", "RSS MiB", "USS MiB", "threads", "ops",
+                "pool size/avail/max", "waiting"):
+        children.add_column(col, justify="left" if col == "worker" else "right")
+    outcomes = Table(title="per replica", title_justify="left")
+    for col in ("worker", "succeeded", "failed", "retried", "interrupted", "cleanups failed",
+                "leaks", "recycles"):
+        outcomes.add_column(col, justify="left" if col == "worker" else "right")
+    for doc in docs:
+        for c in doc["children"]:
+            pool = c["pool"]
+            children.add_row(doc["worker"], str(c["pid"]), str(c["fds"]), str(c["fd_limit"]),
+                             f"{c['rss'] / mib:.1f}", f"{c['uss'] / mib:.1f}", str(c["threads"]),
+                             str(c["operations"]),
+                             f"{pool['pool_size']}/{pool['pool_available']}/{pool['pool_max']}",
+                             str(pool["requests_waiting"]))
+        totals = doc["totals"]
+        by_outcome: dict[str, int] = {}
+        for _, outcome, n in totals["operations"]:
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + n
+
+        def kv(d: dict[str, int]) -> str:
+            return " ".join(f"{k}={v}" for k, v in sorted(d.items())) or "0"
+
+        outcomes.add_row(doc["worker"], *(str(by_outcome.get(k, 0)) for k in
+                                          ("succeeded", "failed", "retried", "interrupted")),
+                         str(totals["cleanups"].get("failed", 0)), kv(totals["leaks"]),
+                         kv(totals["recycles"]))
+    return Group(children, outcomes)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of replicas).")
+@click.option("--watch", type=float, default=None, metavar="SECONDS",
+              help="Refresh a live table every SECONDS until Ctrl-C.")
+@click.option("--timeout", type=float, default=2.0, show_default=True,
+              help="Seconds to wait for the replicas' replies.")
+def stats(as_json: bool, watch: float | None, timeout: float) -> None:
+    """Resource use per worker child and outcomes per replica, from every running worker."""
+    from rich.console import Console
+    from rich.live import Live
+
+    if watch is None or as_json:
+        docs = fleet_stats(timeout)
+        if not docs and not as_json:
+            raise click.ClickException("no worker replied (none running on this broker?)")
+        emit(docs, as_json, lambda: Console().print(stats_table(docs)))
+        return
+    with Live(stats_table(fleet_stats(timeout)), auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(stats_table(fleet_stats(timeout)), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True)
+@click.pass_context
+def flower(ctx: click.Context, address: str, port: int) -> None:
+    """Run Flower with authentication required (FLOWER_USER / FLOWER_PASSWORD)."""
+    password = os.environ.get("FLOWER_PASSWORD", "")
+    if not password:
+        raise click.ClickException("set FLOWER_PASSWORD: Flower never runs without a login")
+    user = os.environ.get("FLOWER_USER", "") or "admin"
+    env = {**os.environ, "FLOWER_BASIC_AUTH": f"{user}:{password}"}  # not on the command line
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+            f"--address={address}", f"--port={port}", *ctx.args]
+    os.execvpe(argv[0], argv, env)
+
+
 @main.command()
 def migrate() -> None:
     """Create or update the database schema (workers also do this on first use)."""

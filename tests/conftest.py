@@ -33,6 +33,8 @@ TEST_ENV = {
     # The sampler reads /proc in its own thread; its fds, open for a moment, would show in
     # the tests' exact per-child fd comparisons made from outside. One sample at start.
     "REPOINDEX_SAMPLE_SECONDS": "3600",
+    # Workers serve /metrics only where a test asks for it (on a free port).
+    "REPOINDEX_METRICS_PORT": "0",
 }
 
 

@@ -50,7 +50,9 @@ def server_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
 
 def child_state(pid: int, temp_root: Path) -> dict[str, Any]:
     """What a worker child holds, read from outside the process."""
-    fds = open_fds(pid)
+    # the child's stats file for the monitor is written (atomically, ~0.1 ms) right after
+    # each operation: its fd is not one of the operation's resources
+    fds = [fd for fd in open_fds(pid) if "/stats-" not in fd[1]]
     temp = sorted(n for n in os.listdir(temp_root) if n.startswith(f"{pid}-")) \
         if temp_root.exists() else []
     return {"fds": set(fds), "threads": len(os.listdir(f"/proc/{pid}/task")),
