@@ -11,7 +11,8 @@ import enum
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class _Pool(ConnectionPool[Any]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.checked_out = 0
+        self.on_wait: Callable[[float], None] | None = None  # seconds each checkout waited
         self._count_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
@@ -71,6 +73,7 @@ class _Pool(ConnectionPool[Any]):
         super().putconn(conn)
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        began = time.monotonic()
         try:
             conn: psycopg.Connection[Any] = super().getconn(timeout)
         except PoolTimeout:
@@ -83,6 +86,8 @@ class _Pool(ConnectionPool[Any]):
                    ", all in use)")) from None
         with self._count_lock:
             self.checked_out += 1
+        if self.on_wait is not None:
+            self.on_wait(time.monotonic() - began)
         return conn
 
 
@@ -116,6 +121,10 @@ class Database:
             return
         with self._lock:
             self.pool_sockets.add(target)
+
+    def observe_waits(self, observer: Callable[[float], None]) -> None:
+        """Call ``observer(seconds)`` with the wait of every checkout (metrics)."""
+        self._pool.on_wait = observer
 
     @property
     def pool(self) -> ConnectionPool:

@@ -31,6 +31,8 @@ import psutil
 
 log = logging.getLogger("repoindex.metrics")
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0)
 # Label values present from the start at 0: an alert on increase() cannot see the first
 # event of a series that appears with value 1 (no earlier sample to compare with).
 LEAK_KINDS = ("fd", "thread", "process", "temp", "connection", "memory")
@@ -54,14 +56,22 @@ class ChildStats:
     buckets: dict[str, list[int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     cleanups: Counter[str] = field(default_factory=Counter)
+    waits: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record_wait(self, seconds: float) -> None:
+        """How long one pool checkout waited for a connection."""
+        with self._lock:
+            self.waits[_bucket(WAIT_BUCKETS, seconds)] += 1
+            self.wait_seconds += seconds
 
     def record(self, task: str, outcome: str, seconds: float, cleanup_failures: int) -> None:
         """One finished operation (any outcome)."""
         with self._lock:
             self.operations[(task, outcome)] += 1
             counts = self.buckets.setdefault(task, [0] * (len(BUCKETS) + 1))
-            counts[next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))] += 1
+            counts[_bucket(BUCKETS, seconds)] += 1
             self.seconds[task] = self.seconds.get(task, 0.0) + seconds
             self.cleanups["failed" if cleanup_failures else "clean"] += 1
 
@@ -74,6 +84,7 @@ class ChildStats:
                 "durations": {t: {"buckets": list(c), "sum": self.seconds[t]}
                               for t, c in self.buckets.items()},
                 "cleanups": dict(self.cleanups),
+                "pool_wait": {"buckets": list(self.waits), "sum": self.wait_seconds},
                 "leaks": dict(leaks), "pool": {k: int(pool.get(k, 0)) for k in POOL_KEYS},
                 "returns_bad": returns_bad,
             }
@@ -94,6 +105,23 @@ class ChildStats:
                 tmp.unlink()
 
 
+def _bucket(bounds: tuple[float, ...], value: float) -> int:
+    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+
+
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The upper bound of the bucket holding the ``q`` quantile (inf past the last)."""
+    total = sum(counts)
+    if not total:
+        return None
+    running = 0
+    for bound, n in zip([*bounds, float("inf")], counts, strict=True):
+        running += n
+        if running >= q * total:
+            return bound
+    return float("inf")  # pragma: no cover - running reaches total
+
+
 # -- main-process side ---------------------------------------------------------------------
 @dataclass
 class Totals:
@@ -106,6 +134,8 @@ class Totals:
     leaks: Counter[str] = field(default_factory=Counter)
     recycles: Counter[str] = field(default_factory=Counter)
     returns_bad: int = 0
+    waits: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_seconds: float = 0.0
 
     def add(self, doc: Mapping[str, Any]) -> None:
         for task, outcome, n in doc.get("operations", []):
@@ -119,6 +149,10 @@ class Totals:
         self.leaks.update(doc.get("leaks", {}))
         self.recycles.update(doc.get("recycles", {}))
         self.returns_bad += int(doc.get("returns_bad", 0))
+        wait = doc.get("pool_wait")
+        if wait:
+            self.waits = [a + b for a, b in zip(self.waits, wait["buckets"], strict=True)]
+            self.wait_seconds += wait["sum"]
 
     def copy(self) -> Totals:
         out = Totals()
@@ -132,6 +166,7 @@ class Totals:
                           for t, c in self.buckets.items()},
             "cleanups": dict(self.cleanups), "leaks": dict(self.leaks),
             "recycles": dict(self.recycles), "returns_bad": self.returns_bad,
+            "pool_wait": {"buckets": list(self.waits), "sum": self.wait_seconds},
         }
 
 
@@ -313,6 +348,16 @@ class Collector:
             for value, n in sorted(values.items()):
                 fam.add_metric([worker, value], n)
             yield fam
+        wait = histogram("repoindex_pool_wait_seconds",
+                         "Time an operation waited for a pooled database connection.",
+                         labels=["worker"])
+        cumulative, running = [], 0
+        for bound, n in zip([*map(str, WAIT_BUCKETS), "+Inf"], totals["pool_wait"]["buckets"],
+                            strict=True):
+            running += n
+            cumulative.append((bound, running))
+        wait.add_metric([worker], cumulative, totals["pool_wait"]["sum"])
+        yield wait
         bad = counter("repoindex_pool_returns_bad", "Connections returned to a pool broken.",
                       labels=["worker"])
         bad.add_metric([worker], totals["returns_bad"])

@@ -76,6 +76,7 @@ class Runtime:
         self.stats = metrics.ChildStats(stats_directory)
         self.exit_reason = "clean"  # the last word published at shutdown
         self.db = Database(settings)
+        self.db.observe_waits(self.stats.record_wait)
         self.sentinel = Sentinel(
             temp_root=settings.temp_dir,
             checked_out=lambda: self.db.stats()["checked_out"],
