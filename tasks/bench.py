@@ -130,6 +130,9 @@ def bench_index(files: int, runs: int, echo: Callable[[str], None]) -> dict[str,
                 result = index(f"bench{run}")
                 peak = memory.proc_status(child, "VmHWM")
                 samples["rss_growth"].append(max(0, peak - rss_before))
+                # after the operation (memory released): the child's RSS over its RSS before
+                samples.setdefault("rss_return", []).append(
+                    memory.proc_status(child, "VmRSS") / rss_before)
                 samples["ours"].append(result["seconds"])
                 samples.setdefault("git_peak_rss", []).append(result["git_peak_rss"])
                 samples["nochange"].append(index(f"bench{run}")["seconds"])
@@ -295,3 +298,169 @@ def table(rows: list[tuple[str, str]]) -> str:
 def write_json(path: str | None, doc: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(doc, indent=2, default=str))
+
+
+def _many_repos(root: Path, count: int, files: int) -> list[Path]:
+    """``count`` small repositories whose blobs differ (no cross-repository sharing)."""
+    repos = []
+    for i in range(count):
+        path = root / f"r{i:03d}"
+        subprocess.run([*GIT, "init", "-q", str(path)], check=True)
+        for j in range(files):
+            target = path / f"d{j % 5}" / f"f{j}.py"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f"# repo {i} file {j}\n" + f"value_{i}_{j} = {i * j}\n" * 20)
+        subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
+        subprocess.run([*GIT, "-C", str(path), "commit", "-qm", "r"], check=True)
+        repos.append(path)
+    return repos
+
+
+def bench_concurrent(ops: int, replicas: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    """``ops`` index operations in flight at once on ``replicas`` x ``ops/replicas``
+    children with pools of one connection, against a private PostgreSQL whose
+    max_connections is the budget plus 20."""
+    from tasks.load import concurrent_run, fleet
+    from workers.app import app
+
+    children = -(-ops // replicas)
+    budget = replicas * children
+    with tempfile.TemporaryDirectory(prefix="repoindex-bench-") as raw, \
+            devservices.services(f"repoindex_bench_{os.getpid()}", drop=True,
+                                 own_database=True) as ep:
+        tmp = Path(raw)
+        server = devservices.PostgresServer(tmp, {"max_connections": str(budget + 20)}).start()
+        try:
+            echo(f"generating {ops} repositories …")
+            repos = _many_repos(tmp / "repos", ops, 40)
+            env = {**os.environ, "REDIS_URL": ep.redis_url, "DATABASE_URL": server.url,
+                   "REPOINDEX_ROOTS": str(tmp), "REPOINDEX_TEMP_DIR": str(tmp / "work"),
+                   "REPOINDEX_DB_POOL_MIN": "0", "REPOINDEX_DB_POOL_MAX": "1",
+                   "REPOINDEX_DB_POOL_TIMEOUT": "120", "REPOINDEX_METRICS_PORT": "0"}
+            queue = f"conc-{os.getpid()}"
+            with environ(REDIS_URL=ep.redis_url), \
+                    fleet(env, tmp, replicas=replicas, concurrency=children,
+                          queue=queue) as workers:
+                echo(f"{replicas} replicas x {children} children up; running {ops} at once …")
+                result = concurrent_run(app, workers, queue, server.url, repos)
+        finally:
+            server.stop()
+    result.update(replicas=replicas, children_per_replica=children, connection_budget=budget)
+    return result
+
+
+def bench_replicas(counts: list[int], jobs: int, files: int, runs: int,
+                   echo: Callable[[str], None]) -> dict[str, Any]:
+    """Throughput (index operations per second) of 1, 2, 4 ... replicas of one child each
+    on the same multi-job load; each count measured ``runs`` times, counts alternated."""
+    from tasks.load import fleet, throughput
+    from workers.app import app
+
+    samples: dict[int, list[float]] = {n: [] for n in counts}
+    with tempfile.TemporaryDirectory(prefix="repoindex-bench-") as raw, \
+            devservices.services(f"repoindex_bench_{os.getpid()}", drop=True,
+                                 own_database=True) as ep:
+        tmp = Path(raw)
+        echo(f"generating {jobs} repositories of {files} files …")
+        repos = _many_repos(tmp / "repos", jobs, files)
+        import psycopg
+
+        from workers.db import migrate
+
+        with psycopg.connect(ep.database_url) as conn:
+            migrate(conn)
+        env = {**os.environ, "REDIS_URL": ep.redis_url, "DATABASE_URL": ep.database_url,
+               "REPOINDEX_ROOTS": str(tmp), "REPOINDEX_TEMP_DIR": str(tmp / "work"),
+               "REPOINDEX_METRICS_PORT": "0"}
+        with environ(REDIS_URL=ep.redis_url, DATABASE_URL=ep.database_url):
+            for run in range(runs):
+                for n in counts:
+                    _reset(ep.database_url)
+                    queue = f"rep-{n}-{run}-{os.getpid()}"
+                    with fleet(env, tmp, replicas=n, concurrency=1, queue=queue,
+                               name=f"rep{n}") as workers:
+                        app.send_task("repoindex.canary", queue=queue,
+                                      kwargs={"seconds": 0}).get(timeout=60)  # schema, pools
+                        samples[n].append(throughput(app, queue, repos))
+                        del workers
+                    echo(f"run {run + 1}/{runs}: {n} replica(s): {samples[n][-1]:.2f} ops/s")
+    med = {n: statistics.median(v) for n, v in samples.items()}
+    return {"jobs": jobs, "files": files, "runs": runs, "cpus": os.cpu_count(),
+            "ops_per_s": med, "samples": samples,
+            "speedup": {n: med[n] / med[counts[0]] for n in counts}}
+
+
+def bench_all(echo: Callable[[str], None], *, quick: bool = False) -> dict[str, Any]:
+    """Every benchmark once, for one table (``quick``: small sizes, for the smoke test)."""
+    from tasks.soak import soak
+
+    files, runs = (300, 1) if quick else (10_000, 3)
+    doc: dict[str, Any] = {"machine": machine()}
+    echo("== index")
+    doc["index"] = bench_index(files, runs, echo)
+    echo("== lifecycle")
+    doc["lifecycle"] = bench_lifecycle(200 if quick else 2000, 3 if quick else 41, echo)
+    echo("== 1,000 operations")
+    with tempfile.TemporaryDirectory(prefix="repoindex-bench-") as raw:
+        doc["volume"] = soak(100 if quick else 1000, None, 20, Path(raw) / "soak.png", echo)
+    echo("== operations in flight at once")
+    doc["concurrent"] = bench_concurrent(8 if quick else 100, 2 if quick else 4, echo)
+    echo("== shutdown")
+    doc["shutdown"] = bench_shutdown(1 if quick else 3, 5.0 if quick else 40.0,
+                                     3.0 if quick else 30.0, echo)
+    return doc
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30),
+            "python": platform.python_version(), "system": platform.platform(terse=True)}
+
+
+def all_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The Markdown rows of ``bench all``."""
+    idx, lc, vol, conc = doc["index"], doc["lifecycle"], doc["volume"], doc["concurrent"]
+    sd = doc["shutdown"]["summary"]
+    med = idx["median"]
+    fd_growth = max((c["fd_growth_after_warmup"] for c in vol["children"].values()), default=0)
+    waits = conc["pool_wait"]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"<= {value * 1000:g} ms"
+
+    return [
+        ("machine", f"{doc['machine']['cpus']} CPUs, {doc['machine']['memory_gib']} GiB,"
+                    f" Python {doc['machine']['python']}"),
+        (f"full index of {idx['files']} files, ours / floor",
+         f"{med['ours']:.2f} s / {med['floor']:.2f} s ({idx['files_per_s']:.0f} files/s)"),
+        ("ratio ours / floor (target <= 1.5)", f"{idx['ratio_to_floor']:.2f}"),
+        ("no-change re-index", f"{med['nochange']:.3f} s"),
+        ("lifecycle overhead, on vs off (target < 5 %)",
+         f"{lc['overhead_ratio'] * 100:.1f} % ({lc['paired_diff'] * 1000:.1f} ms of"
+         f" {lc['median']['off'] * 1000:.0f} ms)"),
+        (f"{vol['operations']} mixed operations: fd growth after warm-up (max of children)",
+         str(fd_growth)),
+        (f"{vol['operations']} mixed operations: server sessions (max) / temp areas left",
+         f"{vol['max_server_connections']} / {vol['temp_left']}"),
+        (f"{vol['operations']} mixed operations: leak warnings", str(vol["leak_warnings"])),
+        (f"{conc['operations']} operations at once: succeeded",
+         f"{conc['succeeded']} ({conc['waiting_together']} waiting together,"
+         f" {conc['replicas']} replicas x {conc['children_per_replica']} children)"),
+        (f"{conc['operations']} at once: peak server sessions / budget",
+         f"{conc['peak_server_connections']} / {conc['connection_budget']}"),
+        (f"{conc['operations']} at once: peak fds of a child / limit",
+         f"{conc['peak_child_fds']} / {conc['fd_limit']}"),
+        (f"{conc['operations']} at once: pool wait p50 / p99",
+         f"{ms(waits['p50_s'])} / {ms(waits['p99_s'])}"),
+        (f"{conc['operations']} at once: wall time", f"{conc['wall_s']:.1f} s"),
+        ("shutdown with operations in flight, median / max",
+         f"{sd['ours']['median_s']:.2f} s / {sd['ours']['max_s']:.2f} s (stock Celery:"
+         f" {sd['stock']['median_s']:.2f} s, SIGKILLed {sd['stock']['sigkilled']}x)"),
+        ("peak RSS growth of a child in a full index (max)",
+         f"{max(idx['samples']['rss_growth']) / 2**20:.1f} MiB"),
+        ("RSS after the operation / before (median)",
+         f"{statistics.median(idx['samples']['rss_return']) * 100:.1f} %"),
+    ]

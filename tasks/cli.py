@@ -400,6 +400,38 @@ def bench_shutdown_cmd(runs: int, op_seconds: float, grace: float, json_out: str
     write_json(json_out, doc)
 
 
+@bench.command("all")
+@click.option("--json-out", default="bench-all.json", show_default=True,
+              help="Where the figures go (JSON).")
+@click.option("--quick", is_flag=True, help="Small sizes: checks the command, not the figures.")
+def bench_all_cmd(json_out: str, quick: bool) -> None:
+    """Every benchmark in one run: one Markdown table, one JSON file."""
+    from tasks.bench import all_rows, bench_all, table, write_json
+
+    doc = bench_all(lambda line: click.echo(line, err=True), quick=quick)
+    click.echo(table(all_rows(doc)))
+    write_json(json_out, doc)
+
+
+@bench.command("replicas")
+@click.option("--counts", default="1,2,4", show_default=True, help="Replica counts to compare.")
+@click.option("--jobs", default=40, show_default=True, help="Index jobs per measurement.")
+@click.option("--files", default=500, show_default=True, help="Files per repository.")
+@click.option("--runs", default=3, show_default=True)
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_replicas_cmd(counts: str, jobs: int, files: int, runs: int,
+                       json_out: str | None) -> None:
+    """Throughput of 1, 2, 4 ... worker replicas (one child each) on one multi-job load."""
+    from tasks.bench import bench_replicas, write_json
+
+    doc = bench_replicas([int(c) for c in counts.split(",")], jobs, files, runs, click.echo)
+    click.echo("| replicas | index operations/s (median) | speed-up |")
+    click.echo("|---|---|---|")
+    for n, rate in doc["ops_per_s"].items():
+        click.echo(f"| {n} | {rate:.2f} | {doc['speedup'][n]:.2f}x |")
+    write_json(json_out, doc)
+
+
 @bench.command("soak")
 @click.option("--ops", default=5000, show_default=True, help="Number of operations.")
 @click.option("--duration", help="Run for a time instead, e.g. 24h, 90m, 600s.")

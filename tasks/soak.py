@@ -105,11 +105,16 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
                 conns.append((done, _connections(ep.database_url)))
                 if done % (batch * 25) == 0:
                     echo(f"{done} operations, {failed} failed as intended or not")
+            temp_root = Path(env["REPOINDEX_TEMP_DIR"])
+            temp_left = [n for n in os.listdir(temp_root) if n.split("-", 1)[0].isdigit()] \
+                if temp_root.exists() else []
             leaks = worker.log().count("leak op=")
             suspected = worker.log().count("suspected memory leak")
         finally:
             worker.stop()
-    return _summarise(series, conns, done, failed, leaks, suspected, png)
+    summary = _summarise(series, conns, done, failed, leaks, suspected, png)
+    summary["temp_left"] = len(temp_left)
+    return summary
 
 
 def _summarise(series: dict[int, list[tuple[int, dict[str, int]]]],

@@ -135,8 +135,9 @@ class PostgresServer:
     temp tree is often private to root. ``stop()`` removes it.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, settings: dict[str, str] | None = None) -> None:
         self.directory = directory
+        self.settings = settings or {}  # server settings, e.g. {"max_connections": "150"}
         self.data = Path(tempfile.mkdtemp(prefix="repoindex-pg-"))
         self.port = free_port()
         self.url = f"postgresql://repoindex@127.0.0.1:{self.port}/postgres"
@@ -156,13 +157,17 @@ class PostgresServer:
             shutil.chown(self.data, user)
         self._run(initdb, "-D", str(self.data), "-U", "repoindex", "--auth=trust", "-E", "UTF8")
         self._run(pg_ctl, "-D", str(self.data), "-w", "-l", str(self.data / "server.log"),
-                  "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+                  "-o", self._options(), "start")
         return self
 
     def restart(self) -> None:
         """Fast shutdown (sessions terminated) and start again on the same port and data."""
         self._run(find_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart",
-                  "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1")
+                  "-o", self._options())
+
+    def _options(self) -> str:
+        extra = "".join(f" -c {k}={v}" for k, v in self.settings.items())
+        return f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1{extra}"
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -129,15 +129,28 @@ def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
     out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2"])
     assert out.exit_code == 0, out.output
     assert "| overhead" in out.output
-    out = runner.invoke(main, ["bench", "shutdown", "--runs", "1", "--op-seconds", "4",
-                               "--grace", "2", "--json-out", str(tmp_path / "s.json")])
+    out = runner.invoke(main, ["bench", "all", "--quick", "--json-out", str(tmp_path / "a.json")])
     assert out.exit_code == 0, out.output
-    summary = json.loads((tmp_path / "s.json").read_text())["summary"]
+    assert "| ratio ours / floor" in out.output and "at once: pool wait p50" in out.output
+    every = json.loads((tmp_path / "a.json").read_text())
+    conc = every["concurrent"]
+    assert (conc["succeeded"], conc["waiting_together"], conc["errors"]) == (8, 8, [])
+    assert conc["peak_server_connections"] <= conc["connection_budget"] == 8
+    assert conc["pool_wait"]["checkouts"] >= 16  # ledger + operation, each
+    assert every["volume"]["temp_left"] == 0 and every["volume"]["leak_warnings"] == 0
+    out = runner.invoke(main, ["bench", "replicas", "--counts", "1,2", "--jobs", "4",
+                               "--files", "20", "--runs", "1"])
+    assert out.exit_code == 0, out.output
+    assert "| 2 |" in out.output
+    summary = every["shutdown"]["summary"]
     # counts, not speeds: ours requeues both jobs and leaves nothing; the stock path
     # is SIGKILLed after the 2 s grace and leaves its temp areas behind
     assert (summary["ours"]["sigkilled"], summary["ours"]["jobs_not_accounted"],
             summary["ours"]["temp_left"], summary["ours"]["half_written"]) == (0, 0, 0, 0)
     assert summary["stock"]["sigkilled"] == 1 and summary["stock"]["temp_left"] == 2
+    out = runner.invoke(main, ["bench", "shutdown", "--runs", "1", "--op-seconds", "3",
+                               "--grace", "1"])
+    assert out.exit_code == 0 and "| ours |" in out.output, out.output
     png = tmp_path / "soak.png"
     out = runner.invoke(main, ["bench", "soak", "--ops", "60", "--png", str(png),
                                "--json-out", str(tmp_path / "soak.json")])
