@@ -176,3 +176,20 @@ def test_leak_reaches_sentry_fingerprinted_by_kind() -> None:
     assert any(e.get("message") == "failed redis://:***@h:1/0" for e in events)
     values = [v["value"] for e in events for v in (e.get("exception") or {}).get("values", [])]
     assert values == ["cannot reach postgresql://u:***@db/x"]
+
+
+def test_idle_in_transaction_backstop_ends_a_forgotten_transaction() -> None:
+    """Our sessions (pool and CLI: ``db.connect``) carry idle_in_transaction_session_timeout:
+    a transaction left open is ended by the server."""
+    import dataclasses
+    import time
+
+    from workers import db as dbmod
+    from workers.settings import Settings
+
+    settings = dataclasses.replace(Settings.from_env(), idle_tx_timeout_ms=300)
+    with dbmod.connect(settings) as conn:
+        conn.execute("SELECT 1")  # opens a transaction (not autocommit) and leaves it idle
+        time.sleep(1.0)
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            conn.execute("SELECT 1")

@@ -102,6 +102,7 @@ def inside_states(app: Any, worker: WorkerProcess) -> dict[int, dict[str, Any]]:
             state = r.get(timeout=60)
             seen.setdefault(state["pid"], state)
         if wanted <= set(seen):
+            settle(app, [worker])  # the batch's other probes may still hold a child
             return {pid: seen[pid] for pid in wanted}
     raise AssertionError(f"children {wanted - set(seen)} never answered")
 
@@ -115,3 +116,17 @@ def warm_up(app: Any, worker: WorkerProcess) -> None:
     for r in results:
         r.get(timeout=60)
     inside_states(app, worker)
+
+
+def settle(app: Any, workers: list[WorkerProcess], timeout: float = 30) -> None:
+    """Wait until no worker of ``workers`` runs a task (e.g. the tail of a warm-up batch),
+    so that a baseline read from outside is not taken mid-task."""
+    import socket
+
+    names = [f"{w.name}@{socket.gethostname()}" for w in workers]
+
+    def idle() -> bool:
+        active = app.control.inspect(destination=names, timeout=2).active() or {}
+        return len(active) == len(names) and not any(active.values())
+
+    wait_until(idle, timeout, "workers idle")

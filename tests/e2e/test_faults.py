@@ -230,6 +230,9 @@ def test_credentials_never_reach_logs_or_results(tmp_path: Path, celery_app: Any
         stats = celery_app.control.inspect(destination=[worker.name + "@" + os.uname().nodename],
                                            timeout=5).stats()
         assert stats and secret not in str(stats)
+        conf = celery_app.control.inspect(destination=[worker.name + "@" + os.uname().nodename],
+                                          timeout=5).conf()
+        assert conf and secret not in str(conf)  # what Flower's config page shows
     finally:
         assert worker.stop() == 0
     assert secret not in worker.log()

@@ -258,3 +258,26 @@ def test_enqueue_with_redis_unreachable_says_so(session_env: dict[str, str]) -> 
     assert done.stderr.startswith("repoindex: cannot reach Redis at redis://:***@127.0.0.1:1/0")
     assert "hunter2" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_repository_changing_while_indexed(strict: WorkerProcess, celery_app: Any,
+                                           roots: Path, db: psycopg.Connection[Any],
+                                           baseline: dict[int, dict[str, Any]]) -> None:
+    """Files deleted and a new commit made while the operation reads: the ref was resolved
+    to one commit at the start and git objects do not change, so the index is exactly that
+    commit; the next run picks up the new one."""
+    repo = roots / "moving"
+    gitrepo.generated(repo, files=8000)
+    first = gitrepo.git(repo, "rev-parse", "HEAD").strip()
+    tracked_before = gitrepo.tracked(repo)
+    job = send(celery_app, strict, "repoindex.index_repository", source=str(repo),
+               name="moving")
+    wait_until(lambda: job.state == "PROGRESS", 120, "operation reading blobs")
+    gitrepo.git(repo, "rm", "-q", "-r", "pkg1", "pkg2")
+    gitrepo.commit(repo, "removed two packages while being indexed")
+    result = job.get(timeout=300)
+    assert result["commit"] == first
+    assert set(repo_files(db, "moving")) == tracked_before
+    again = index(celery_app, strict, str(repo), "moving")
+    assert again.state == "SUCCESS" and again.result["commit"] != first
+    assert set(repo_files(db, "moving")) == gitrepo.tracked(repo) < tracked_before

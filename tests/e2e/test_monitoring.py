@@ -217,6 +217,18 @@ def assert_alert_fires(tmp_path: Path, series: str, values: str, alert: str,
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_stats_watch_refreshes_until_interrupted(monitored: tuple[WorkerProcess, int]) -> None:
+    worker, _ = monitored
+    proc = subprocess.Popen([*CLI, "stats", "--watch", "0.3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": "250"})
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "worker children" in out and worker.name in out
+
+
 def test_errors_and_a_dead_child_reach_sentry_from_child_and_main(
         monitored: tuple[WorkerProcess, int], celery_app: Any, sink: Sink) -> None:
     worker, port = monitored
