@@ -41,15 +41,16 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def make_repo(path: Path, files: int) -> Path:
-    """``files`` source-like files of 0.5 to 3 KiB in nested folders, committed."""
+def make_repo(path: Path, files: int, seed: str = "") -> Path:
+    """``files`` source-like files of 0.5 to 3 KiB in nested folders, committed; repositories
+    of different ``seed`` share no blob."""
     subprocess.run([*GIT, "init", "-q", str(path)], check=True)
     for i in range(files):
         target = path / f"pkg{i % 20}" / f"mod{i % 13}" / f"file_{i}.py"
         target.parent.mkdir(parents=True, exist_ok=True)
         body = "".join(f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n"
                        for j in range(10 + i % 60))
-        target.write_text(f"# generated file {i}\n{body}")
+        target.write_text(f"# generated file {i}{seed}\n{body}")
     subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
     subprocess.run([*GIT, "-C", str(path), "commit", "-qm", "bench"], check=True)
     return path
@@ -300,22 +301,6 @@ def write_json(path: str | None, doc: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(doc, indent=2, default=str))
 
 
-def _many_repos(root: Path, count: int, files: int) -> list[Path]:
-    """``count`` small repositories whose blobs differ (no cross-repository sharing)."""
-    repos = []
-    for i in range(count):
-        path = root / f"r{i:03d}"
-        subprocess.run([*GIT, "init", "-q", str(path)], check=True)
-        for j in range(files):
-            target = path / f"d{j % 5}" / f"f{j}.py"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(f"# repo {i} file {j}\n" + f"value_{i}_{j} = {i * j}\n" * 20)
-        subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
-        subprocess.run([*GIT, "-C", str(path), "commit", "-qm", "r"], check=True)
-        repos.append(path)
-    return repos
-
-
 def bench_concurrent(ops: int, replicas: int, echo: Callable[[str], None]) -> dict[str, Any]:
     """``ops`` index operations in flight at once on ``replicas`` x ``ops/replicas``
     children with pools of one connection, against a private PostgreSQL whose
@@ -332,7 +317,8 @@ def bench_concurrent(ops: int, replicas: int, echo: Callable[[str], None]) -> di
         server = devservices.PostgresServer(tmp, {"max_connections": str(budget + 20)}).start()
         try:
             echo(f"generating {ops} repositories …")
-            repos = _many_repos(tmp / "repos", ops, 40)
+            repos = [make_repo(tmp / "repos" / f"r{i:03d}", 40, seed=f" of {i}")
+                     for i in range(ops)]
             env = {**os.environ, "REDIS_URL": ep.redis_url, "DATABASE_URL": server.url,
                    "REPOINDEX_ROOTS": str(tmp), "REPOINDEX_TEMP_DIR": str(tmp / "work"),
                    "REPOINDEX_DB_POOL_MIN": "0", "REPOINDEX_DB_POOL_MAX": "1",
@@ -362,7 +348,8 @@ def bench_replicas(counts: list[int], jobs: int, files: int, runs: int,
                                  own_database=True) as ep:
         tmp = Path(raw)
         echo(f"generating {jobs} repositories of {files} files …")
-        repos = _many_repos(tmp / "repos", jobs, files)
+        repos = [make_repo(tmp / "repos" / f"r{i:03d}", files, seed=f" of {i}")
+                 for i in range(jobs)]
         import psycopg
 
         from workers.db import migrate

@@ -219,15 +219,6 @@ def delete(name: str, as_json: bool) -> None:
     emit(doc, as_json, lambda: click.echo(_describe(doc)))
 
 
-def fleet_stats(timeout: float = 2.0) -> list[dict[str, Any]]:
-    """Every worker replica's ``repoindex_stats`` reply, sorted by worker name."""
-    from workers.app import app
-
-    replies = app.control.broadcast("repoindex_stats", reply=True, timeout=timeout) or []
-    docs = [doc for reply in replies for doc in reply.values() if doc]
-    return sorted(docs, key=lambda d: str(d.get("worker")))
-
-
 def stats_table(docs: list[dict[str, Any]]) -> Any:
     """One row per worker child, then one per replica's outcomes (rich renderables)."""
     from rich.console import Group
@@ -276,17 +267,23 @@ def stats(as_json: bool, watch: float | None, timeout: float) -> None:
     from rich.console import Console
     from rich.live import Live
 
+    from workers.app import app
+    from workers.monitor import fleet_stats
+
+    def current() -> list[dict[str, Any]]:
+        return fleet_stats(app, timeout=timeout)
+
     if watch is None or as_json:
-        docs = fleet_stats(timeout)
+        docs = current()
         if not docs and not as_json:
             raise click.ClickException("no worker replied (none running on this broker?)")
         emit(docs, as_json, lambda: Console().print(stats_table(docs)))
         return
-    with Live(stats_table(fleet_stats(timeout)), auto_refresh=False) as live:
+    with Live(stats_table(current()), auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(watch)
-                live.update(stats_table(fleet_stats(timeout)), refresh=True)
+                live.update(stats_table(current()), refresh=True)
         except KeyboardInterrupt:
             pass
 

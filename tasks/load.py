@@ -5,8 +5,6 @@ by ``repoindex bench all`` / ``bench replicas``)."""
 from __future__ import annotations
 
 import contextlib
-import socket
-import statistics
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -20,6 +18,7 @@ import psycopg
 from tasks.store import GC_LOCK
 from workers.launcher import WorkerProcess
 from workers.metrics import WAIT_BUCKETS, quantile
+from workers.monitor import fleet_stats
 
 
 @contextlib.contextmanager
@@ -95,12 +94,9 @@ def pool_waits(app: Any, workers: list[WorkerProcess], operations: int,
     """p50/p99 of the fleet's pool checkout waits (bucket upper bounds), from the
     replicas' ``repoindex_stats`` replies, once ``operations`` have been published (a
     child publishes right after it sent the result, so a moment after ``get()``)."""
-    names = [f"{w.name}@{socket.gethostname()}" for w in workers]
     deadline = time.monotonic() + timeout
     while True:
-        replies = app.control.broadcast("repoindex_stats", reply=True, timeout=2,
-                                        destination=names) or []
-        docs = [doc for reply in replies for doc in reply.values()]
+        docs = fleet_stats(app, timeout=2, destination=[w.node for w in workers])
         done = sum(n for doc in docs for _, _, n in doc["totals"]["operations"])
         if done >= operations or time.monotonic() > deadline:
             break
@@ -168,7 +164,3 @@ def throughput(app: Any, queue: str, repos: list[Path], rounds: int = 1) -> floa
     for job in jobs:
         job.get(timeout=600)
     return len(jobs) / (time.perf_counter() - started)
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))

@@ -24,13 +24,16 @@ from workers.settings import Settings
 def test_sweep_removes_only_areas_of_dead_processes(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for name in (f"{dead.pid}-job", f"{os.getppid()}-job", "notapid-x", f"{os.getpid()}-old"):
+    for name in (f"{dead.pid}-job", f"{os.getppid()}-job", "notapid-x", f"{os.getpid()}-old",
+                 f"stats-{dead.pid}", f"stats-{os.getppid()}"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "file").write_text("x")
     removed = runtime.sweep_temp(tmp_path)
-    assert sorted(removed) == sorted([f"{dead.pid}-job", f"{os.getpid()}-old"])
+    assert sorted(removed) == sorted([f"{dead.pid}-job", f"{os.getpid()}-old",
+                                      f"stats-{dead.pid}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{os.getppid()}-job",
-                                                                 "notapid-x"])
+                                                                 "notapid-x",
+                                                                 f"stats-{os.getppid()}"])
     assert runtime.sweep_temp(tmp_path / "missing") == []
 
 

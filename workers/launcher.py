@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,11 @@ class WorkerProcess:
         if wait:
             self.wait_for_log(" ready.", ready_timeout)
         return self
+
+    @property
+    def node(self) -> str:
+        """The worker's node name (``-n name@%h``): the destination of control commands."""
+        return f"{self.name}@{socket.gethostname()}"
 
     @property
     def pid(self) -> int:

@@ -69,21 +69,20 @@ _ASYNC_COMMIT = "SELECT set_config('synchronous_commit', 'off', true)"
 
 
 def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int) -> Run:
-    """Record a new attempt (one statement); refuse a job that has killed its worker
-    ``max_lost`` times; hand back the result of one that already succeeded."""
-    # one round trip: the statements go in a pipeline, synced by the commit
+    """Record a new attempt (one statement, one round trip); refuse a job that has killed
+    its worker ``max_lost`` times; hand back the result of one that already succeeded."""
     with conn.pipeline():
         conn.execute(_ASYNC_COMMIT)
-        done_cur = conn.execute(_DONE, (job_id,))
-        start_cur = conn.execute(_START, {"job": job_id, "task": task,
-                                          "worker": socket.gethostname(), "pid": os.getpid(),
-                                          "max_lost": max_lost, "lost_error": LOST_ERROR})
+        cur = conn.execute(_START, {"job": job_id, "task": task, "worker": socket.gethostname(),
+                                    "pid": os.getpid(), "max_lost": max_lost,
+                                    "lost_error": LOST_ERROR})
         conn.commit()
-    done = done_cur.fetchone()
-    if done is not None:
+    row = cur.fetchone()
+    if row is None:  # nothing inserted: an earlier attempt succeeded (rare: a redelivery)
+        done = conn.execute(_DONE, (job_id,)).fetchone()
+        conn.commit()
+        assert done is not None
         return Run(int(done[0]), job_id, int(done[1]), completed=done[2] or {})
-    row = start_cur.fetchone()
-    assert row is not None
     if row[2] is not None:
         raise LimitExceeded(row[2])
     return Run(int(row[0]), job_id, int(row[1]))

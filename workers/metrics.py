@@ -46,48 +46,122 @@ def stats_dir(temp_dir: Path, main_pid: int) -> Path:
     return temp_dir / f"stats-{main_pid}"
 
 
+# -- counters, in a child and summed in the main process ----------------------------------
+@dataclass
+class Histogram:
+    """Bucket counts (the last is +Inf) and the sum of observations; JSON as
+    ``{"buckets": [...], "sum": x}``, added up across children."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b),
+                         len(self.bounds))] += 1
+        self.total += value
+
+    def add(self, doc: Mapping[str, Any]) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, doc["buckets"], strict=True)]
+        self.total += doc["sum"]
+
+    def as_doc(self) -> dict[str, Any]:
+        return {"buckets": list(self.counts), "sum": self.total}
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, count so far) pairs, as Prometheus histograms want them."""
+        out, running = [], 0
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The upper bound of the bucket holding the ``q`` quantile (inf past the last)."""
+    total = sum(counts)
+    if not total:
+        return None
+    running = 0
+    for bound, n in zip([*bounds, float("inf")], counts, strict=True):
+        running += n
+        if running >= q * total:
+            return bound
+    return float("inf")  # pragma: no cover - running reaches total
+
+
+@dataclass
+class Totals:
+    """Counters of one child, or of a replica (retired children plus live ones)."""
+
+    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
+    durations: dict[str, Histogram] = field(default_factory=dict)
+    cleanups: Counter[str] = field(default_factory=Counter)
+    leaks: Counter[str] = field(default_factory=Counter)
+    recycles: Counter[str] = field(default_factory=Counter)
+    returns_bad: int = 0
+    wait: Histogram = field(default_factory=lambda: Histogram(WAIT_BUCKETS))
+
+    def duration(self, task: str) -> Histogram:
+        return self.durations.setdefault(task, Histogram(BUCKETS))
+
+    def add(self, doc: Mapping[str, Any]) -> None:
+        for task, outcome, n in doc.get("operations", []):
+            self.operations[(task, outcome)] += n
+        for task, hist in doc.get("durations", {}).items():
+            self.duration(task).add(hist)
+        self.cleanups.update(doc.get("cleanups", {}))
+        self.leaks.update(doc.get("leaks", {}))
+        self.recycles.update(doc.get("recycles", {}))
+        self.returns_bad += int(doc.get("returns_bad", 0))
+        if "pool_wait" in doc:
+            self.wait.add(doc["pool_wait"])
+
+    def copy(self) -> Totals:
+        out = Totals()
+        out.add(self.as_doc())
+        return out
+
+    def as_doc(self) -> dict[str, Any]:
+        return {
+            "operations": [[t, o, n] for (t, o), n in sorted(self.operations.items())],
+            "durations": {t: h.as_doc() for t, h in self.durations.items()},
+            "cleanups": dict(self.cleanups), "leaks": dict(self.leaks),
+            "recycles": dict(self.recycles), "returns_bad": self.returns_bad,
+            "pool_wait": self.wait.as_doc(),
+        }
+
+
 # -- child side --------------------------------------------------------------------------
 @dataclass
 class ChildStats:
     """Counters of one prefork child, published as ``<directory>/<pid>.json``."""
 
     directory: Path | None = None  # None: not a prefork child; counts kept, nothing written
-    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
-    buckets: dict[str, list[int]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    cleanups: Counter[str] = field(default_factory=Counter)
-    waits: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
-    wait_seconds: float = 0.0
+    counts: Totals = field(default_factory=Totals)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record_wait(self, seconds: float) -> None:
         """How long one pool checkout waited for a connection."""
         with self._lock:
-            self.waits[_bucket(WAIT_BUCKETS, seconds)] += 1
-            self.wait_seconds += seconds
+            self.counts.wait.observe(seconds)
 
     def record(self, task: str, outcome: str, seconds: float, cleanup_failures: int) -> None:
         """One finished operation (any outcome)."""
         with self._lock:
-            self.operations[(task, outcome)] += 1
-            counts = self.buckets.setdefault(task, [0] * (len(BUCKETS) + 1))
-            counts[_bucket(BUCKETS, seconds)] += 1
-            self.seconds[task] = self.seconds.get(task, 0.0) + seconds
-            self.cleanups["failed" if cleanup_failures else "clean"] += 1
+            self.counts.operations[(task, outcome)] += 1
+            self.counts.duration(task).observe(seconds)
+            self.counts.cleanups["failed" if cleanup_failures else "clean"] += 1
 
     def document(self, *, leaks: Mapping[str, int], pool: Mapping[str, int],
                  returns_bad: int, exit: str | None = None) -> dict[str, Any]:
         with self._lock:
-            return {
-                "pid": os.getpid(), "ts": time.time(), "exit": exit,
-                "operations": [[t, o, n] for (t, o), n in sorted(self.operations.items())],
-                "durations": {t: {"buckets": list(c), "sum": self.seconds[t]}
-                              for t, c in self.buckets.items()},
-                "cleanups": dict(self.cleanups),
-                "pool_wait": {"buckets": list(self.waits), "sum": self.wait_seconds},
-                "leaks": dict(leaks), "pool": {k: int(pool.get(k, 0)) for k in POOL_KEYS},
-                "returns_bad": returns_bad,
-            }
+            return {**self.counts.as_doc(), "pid": os.getpid(), "ts": time.time(),
+                    "exit": exit, "leaks": dict(leaks), "returns_bad": returns_bad,
+                    "pool": {k: int(pool.get(k, 0)) for k in POOL_KEYS}}
 
     def publish(self, doc: dict[str, Any]) -> None:
         """Atomically replace this child's file (no-op outside a prefork child)."""
@@ -105,71 +179,7 @@ class ChildStats:
                 tmp.unlink()
 
 
-def _bucket(bounds: tuple[float, ...], value: float) -> int:
-    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
-
-
-def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
-    """The upper bound of the bucket holding the ``q`` quantile (inf past the last)."""
-    total = sum(counts)
-    if not total:
-        return None
-    running = 0
-    for bound, n in zip([*bounds, float("inf")], counts, strict=True):
-        running += n
-        if running >= q * total:
-            return bound
-    return float("inf")  # pragma: no cover - running reaches total
-
-
 # -- main-process side ---------------------------------------------------------------------
-@dataclass
-class Totals:
-    """Counters of a replica: the sum of retired children and live ones."""
-
-    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
-    buckets: dict[str, list[int]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    cleanups: Counter[str] = field(default_factory=Counter)
-    leaks: Counter[str] = field(default_factory=Counter)
-    recycles: Counter[str] = field(default_factory=Counter)
-    returns_bad: int = 0
-    waits: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
-    wait_seconds: float = 0.0
-
-    def add(self, doc: Mapping[str, Any]) -> None:
-        for task, outcome, n in doc.get("operations", []):
-            self.operations[(task, outcome)] += n
-        for task, hist in doc.get("durations", {}).items():
-            counts = self.buckets.setdefault(task, [0] * (len(BUCKETS) + 1))
-            for i, n in enumerate(hist["buckets"]):
-                counts[i] += n
-            self.seconds[task] = self.seconds.get(task, 0.0) + hist["sum"]
-        self.cleanups.update(doc.get("cleanups", {}))
-        self.leaks.update(doc.get("leaks", {}))
-        self.recycles.update(doc.get("recycles", {}))
-        self.returns_bad += int(doc.get("returns_bad", 0))
-        wait = doc.get("pool_wait")
-        if wait:
-            self.waits = [a + b for a, b in zip(self.waits, wait["buckets"], strict=True)]
-            self.wait_seconds += wait["sum"]
-
-    def copy(self) -> Totals:
-        out = Totals()
-        out.add(self.as_doc())
-        return out
-
-    def as_doc(self) -> dict[str, Any]:
-        return {
-            "operations": [[t, o, n] for (t, o), n in sorted(self.operations.items())],
-            "durations": {t: {"buckets": list(c), "sum": self.seconds[t]}
-                          for t, c in self.buckets.items()},
-            "cleanups": dict(self.cleanups), "leaks": dict(self.leaks),
-            "recycles": dict(self.recycles), "returns_bad": self.returns_bad,
-            "pool_wait": {"buckets": list(self.waits), "sum": self.wait_seconds},
-        }
-
-
 def process_figures(pid: int) -> dict[str, int] | None:
     """fds, fd limit, RSS, USS and threads of a live process, read from /proc."""
     try:
@@ -329,11 +339,9 @@ class Collector:
         hist = histogram("repoindex_operation_duration_seconds",
                          "Wall time of operations, by task.", labels=["worker", "task"])
         for task, data in sorted(totals["durations"].items()):
-            cumulative, running = [], 0
-            for bound, n in zip([*map(str, BUCKETS), "+Inf"], data["buckets"], strict=True):
-                running += n
-                cumulative.append((bound, running))
-            hist.add_metric([worker, task], cumulative, data["sum"])
+            durations = Histogram(BUCKETS)
+            durations.add(data)
+            hist.add_metric([worker, task], durations.cumulative(), durations.total)
         yield hist
         for name, doc, key, label, known in (
             ("cleanups", "Operation cleanups, by outcome (clean or failed steps).",
@@ -351,12 +359,9 @@ class Collector:
         wait = histogram("repoindex_pool_wait_seconds",
                          "Time an operation waited for a pooled database connection.",
                          labels=["worker"])
-        cumulative, running = [], 0
-        for bound, n in zip([*map(str, WAIT_BUCKETS), "+Inf"], totals["pool_wait"]["buckets"],
-                            strict=True):
-            running += n
-            cumulative.append((bound, running))
-        wait.add_metric([worker], cumulative, totals["pool_wait"]["sum"])
+        waits = Histogram(WAIT_BUCKETS)
+        waits.add(totals["pool_wait"])
+        wait.add_metric([worker], waits.cumulative(), waits.total)
         yield wait
         bad = counter("repoindex_pool_returns_bad", "Connections returned to a pool broken.",
                       labels=["worker"])

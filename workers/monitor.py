@@ -19,7 +19,7 @@ import psutil
 from celery import bootsteps
 from celery.worker.control import inspect_command
 
-from workers import alerts, metrics
+from workers import alerts, metrics, runtime
 from workers.settings import Settings
 
 log = logging.getLogger("repoindex.monitor")
@@ -33,15 +33,6 @@ def close_inherited() -> None:
         with contextlib.suppress(OSError):
             server.socket.close()
     _inherited.clear()
-
-
-def _sweep_stale(settings: Settings) -> None:
-    """Stats directories of worker main processes that are gone (SIGKILL)."""
-    with contextlib.suppress(OSError):
-        for entry in settings.temp_dir.glob("stats-*"):
-            pid = entry.name.removeprefix("stats-")
-            if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
 
 
 class Monitor(bootsteps.StartStopStep):
@@ -64,7 +55,7 @@ class Monitor(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         settings = Settings.from_env()
-        _sweep_stale(settings)
+        runtime.sweep_temp(settings.temp_dir)
         me = psutil.Process()
         self.metrics = metrics.WorkerMetrics(
             metrics.stats_dir(settings.temp_dir, os.getpid()), worker=worker.hostname,
@@ -131,6 +122,15 @@ class Monitor(bootsteps.StartStopStep):
 
     def snapshot(self) -> dict[str, Any]:
         return self.metrics.snapshot() if self.metrics is not None else {}
+
+
+def fleet_stats(app: Any, *, timeout: float = 2.0,
+                destination: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every (or each named) worker replica's ``repoindex_stats`` reply, by worker name."""
+    replies = app.control.broadcast("repoindex_stats", reply=True, timeout=timeout,
+                                    destination=destination) or []
+    docs = [doc for reply in replies for doc in reply.values() if doc]
+    return sorted(docs, key=lambda d: str(d.get("worker")))
 
 
 @inspect_command(name="repoindex_stats")

@@ -48,6 +48,13 @@ def server_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
                       " GROUP BY state").fetchall()
 
 
+def files_of(db: psycopg.Connection[Any], name: str) -> dict[str, tuple[str, str | None]]:
+    """path -> (kind, symlink target) of a repository's indexed files."""
+    rows = db.execute("SELECT f.path, f.kind, f.target FROM files f JOIN repositories r"
+                      " ON r.id = f.repo_id WHERE r.name = %s", (name,)).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
 def child_state(pid: int, temp_root: Path) -> dict[str, Any]:
     """What a worker child holds, read from outside the process."""
     # the child's stats file for the monitor is written (atomically, ~0.1 ms) right after
@@ -121,9 +128,7 @@ def warm_up(app: Any, worker: WorkerProcess) -> None:
 def settle(app: Any, workers: list[WorkerProcess], timeout: float = 30) -> None:
     """Wait until no worker of ``workers`` runs a task (e.g. the tail of a warm-up batch),
     so that a baseline read from outside is not taken mid-task."""
-    import socket
-
-    names = [f"{w.name}@{socket.gethostname()}" for w in workers]
+    names = [w.node for w in workers]
 
     def idle() -> bool:
         active = app.control.inspect(destination=names, timeout=2).active() or {}

@@ -227,11 +227,9 @@ def test_credentials_never_reach_logs_or_results(tmp_path: Path, celery_app: Any
         bad.get(timeout=60, propagate=False)
         assert bad.state == "FAILURE" and secret not in str(bad.result)
         assert "user:***@" in str(bad.result)
-        stats = celery_app.control.inspect(destination=[worker.name + "@" + os.uname().nodename],
-                                           timeout=5).stats()
+        stats = celery_app.control.inspect(destination=[worker.node], timeout=5).stats()
         assert stats and secret not in str(stats)
-        conf = celery_app.control.inspect(destination=[worker.name + "@" + os.uname().nodename],
-                                          timeout=5).conf()
+        conf = celery_app.control.inspect(destination=[worker.node], timeout=5).conf()
         assert conf and secret not in str(conf)  # what Flower's config page shows
     finally:
         assert worker.stop() == 0

@@ -23,6 +23,7 @@ from tests import gitrepo
 from tests.conftest import start_worker
 from tests.e2e.support import (
     assert_same,
+    files_of,
     fleet_state,
     inside_states,
     leak_lines,
@@ -70,9 +71,7 @@ def index(app: Any, worker: WorkerProcess, source: str, name: str, **kw: Any) ->
 
 
 def repo_files(db: psycopg.Connection[Any], name: str) -> dict[str, str]:
-    rows = db.execute("SELECT f.path, f.kind FROM files f JOIN repositories r"
-                      " ON r.id = f.repo_id WHERE r.name = %s", (name,)).fetchall()
-    return {r[0]: r[1] for r in rows}
+    return {path: kind for path, (kind, _) in files_of(db, name).items()}
 
 
 def test_hostile_repository_contents(strict: WorkerProcess, celery_app: Any, roots: Path,
@@ -97,9 +96,8 @@ def test_hostile_repository_contents(strict: WorkerProcess, celery_app: Any, roo
     assert files == {"bad\\xff\\xfename.txt": "text", "new\nline.txt": "text",
                      "long.txt": "text", "nul.txt": "binary", "-rf.txt": "text",
                      "passwd": "symlink", "up": "symlink", "self": "symlink"}
-    targets = dict(db.execute(
-        "SELECT f.path, f.target FROM files f JOIN repositories r ON r.id = f.repo_id"
-        " WHERE r.name = 'hostile' AND f.kind = 'symlink'").fetchall())
+    targets = {p: target for p, (kind, target) in files_of(db, "hostile").items()
+               if kind == "symlink"}
     assert targets == {"passwd": "/etc/passwd", "up": "../../..", "self": "self"}
     passwd = Path("/etc/passwd").read_text().splitlines()[0]
     assert db.execute("SELECT count(*) FROM blobs WHERE content LIKE %s",

@@ -91,7 +91,7 @@ def monitored(sink: Sink, probe_table: None) -> Iterator[tuple[WorkerProcess, in
 
 
 def worker_doc(docs: list[dict[str, Any]], worker: WorkerProcess) -> dict[str, Any]:
-    return next(d for d in docs if d["worker"].startswith(worker.name + "@"))
+    return next(d for d in docs if d["worker"] == worker.node)
 
 
 def flower_get(port: int, path: str, auth: str | None) -> tuple[int, Any]:
@@ -155,7 +155,7 @@ def test_a_leak_shows_in_metrics_stats_flower_sentry_and_fires_its_alert(
         == value(before, "repoindex_operations_total", outcome="succeeded") + 1
 
     # inspect stats (Celery's own command) carries the replica's resource state
-    node = f"{worker.name}@{os.uname().nodename}"
+    node = worker.node
     stats = celery_app.control.inspect(destination=[node], timeout=5).stats()
     assert stats[node]["repoindex"]["totals"]["leaks"] == {"fd": 1}
     children = stats[node]["repoindex"]["children"]

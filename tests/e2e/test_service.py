@@ -15,6 +15,7 @@ import pytest
 
 from tests import gitrepo
 from tests.conftest import run
+from tests.e2e.support import files_of
 from workers.launcher import WorkerProcess
 
 
@@ -22,12 +23,6 @@ from workers.launcher import WorkerProcess
 def big_repo(roots: Path) -> tuple[Path, dict[str, str]]:
     repo = roots / "big"
     return repo, gitrepo.generated(repo, files=2000)
-
-
-def files_of(db: psycopg.Connection[Any], name: str) -> dict[str, tuple[str, str | None]]:
-    rows = db.execute("SELECT f.path, f.kind, f.target FROM files f JOIN repositories r"
-                      " ON r.id = f.repo_id WHERE r.name = %s", (name,)).fetchall()
-    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 def test_index_generated_repository(worker: WorkerProcess, celery_app: Any,
