@@ -135,7 +135,7 @@ class Git:
         with self._start("cat-file", "--batch", stdin=True) as proc:
             assert proc.stdin is not None and proc.stdout is not None
             out, pending, todo = proc.stdout, deque[str](), iter(shas)
-            self._request(proc, pending, todo, window)
+            self._request(proc, pending, todo, window, self.expired)
             while pending:
                 header = out.readline().split()
                 if len(header) != 3:
@@ -146,21 +146,25 @@ class Git:
                 out.read(1)
                 yield pending.popleft(), data
                 if len(pending) <= window // 2:
-                    self._request(proc, pending, todo, window)
+                    self._request(proc, pending, todo, window, self.expired)
             proc.stdin.close()
             _finish(proc, "cat-file", self.expired)
 
     @staticmethod
     def _request(proc: subprocess.Popen[bytes], pending: deque[str], todo: Iterator[str],
-                 window: int) -> None:
+                 window: int, expired: set[int]) -> None:
         batch = []
         while len(pending) < window and (sha := next(todo, None)) is not None:
             pending.append(sha)
             batch.append(sha)
         if batch:
             assert proc.stdin is not None
-            proc.stdin.write(("\n".join(batch) + "\n").encode())
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(("\n".join(batch) + "\n").encode())
+                proc.stdin.flush()
+            except BrokenPipeError:  # git is gone: say how it ended, not "Broken pipe"
+                _finish(proc, "cat-file", expired)
+                raise SourceError("git cat-file closed its input early") from None
 
 
 def _config_args() -> list[str]:

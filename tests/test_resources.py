@@ -309,3 +309,17 @@ def test_hung_git_is_killed_by_its_watchdog_and_reaped(tmp_path: Path) -> None:
             run(rm, ["git", *hang], 0.5, env={"PATH": os.environ["PATH"]}, what="hang")
         assert rm.live()["processes"] == 0 and rm.live()["threads"] == 0
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before
+
+
+def test_git_that_dies_before_reading_its_requests_is_reported_as_such() -> None:
+    """Writing requests to a dead ``git cat-file`` is EPIPE: the error says how git ended."""
+    from collections import deque
+
+    from tasks.git import Git
+    from workers.errors import SourceError
+
+    with ResourceManager("op-epipe") as rm:
+        proc = rm.popen(["sh", "-c", "kill -9 $$"], stdin=subprocess.PIPE)
+        proc.wait()
+        with pytest.raises(SourceError, match=r"^git cat-file failed \(killed by signal 9\)$"):
+            Git._request(proc, deque(), iter(["0" * 40] * 128), 128, set())
