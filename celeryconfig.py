@@ -6,9 +6,9 @@ The shutdown, delivery and memory policy of the fleet is written here as data; R
 
 from __future__ import annotations
 
-from workers.settings import Settings
+from workers.settings import process_settings
 
-_settings = Settings.from_env()
+_settings = process_settings()
 
 include = ["tasks.jobs"]
 
@@ -35,8 +35,10 @@ task_track_started = True
 # tests/e2e/test_faults.py). Running on is safe: the unacked message is redelivered after
 # the visibility timeout and the repeated operation is idempotent.
 worker_cancel_long_running_tasks_on_connection_loss = False
-result_extended = True
-result_expires = 7 * 24 * 3600
+# Not extended: an extended result keeps the job's arguments (a source URL may hold a
+# token) in Redis for result_expires; the run ledger keeps task and repository per job id.
+result_extended = False
+result_expires = _settings.result_expires
 
 # Redis redelivers a message that was taken but never acked after this many seconds
 # (a worker that vanished without returning it). Longer than the longest operation.
@@ -48,6 +50,7 @@ result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 worker_concurrency = _settings.concurrency or None
 # KiB; compared with the child's peak RSS after each task (README "Memory"): a child that
 # grew past it is replaced between operations, never during one.
+worker_max_tasks_per_child = _settings.max_tasks_per_child or None
 worker_max_memory_per_child = _settings.max_memory_per_child_mb * 1024 or None
 worker_hijack_root_logger = False
 worker_send_task_events = True

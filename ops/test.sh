@@ -4,13 +4,12 @@
 # Redis and PostgreSQL: see README "Tests" — found or started by the suite itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash ops/system.sh --for test   # installs missing system programs (root + apt-get) or names them
 source ops/venv.sh
-command -v redis-server >/dev/null || { echo "missing redis-server: apt-get install redis-server (or brew install redis)" >&2; exit 2; }
-command -v promtool >/dev/null && command -v prometheus >/dev/null \
-  || { echo "missing prometheus/promtool: apt-get install prometheus (or brew install prometheus)" >&2; exit 2; }
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
 echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy
+echo "== import rules" && .venv/bin/lint-imports --no-cache
 echo "== pytest"
 rm -f .coverage .coverage.*
 .venv/bin/coverage run -m pytest "$@"

@@ -3,13 +3,16 @@
 GitPython is not used: it leaks ``git cat-file`` processes and fds when exceptions keep
 frames alive. Here every process is started through ``ResourceManager.popen`` (so it is
 terminated, killed and reaped whatever happens), has a deadline enforced by a watchdog
-thread of the same scope, and runs with prompts, hooks, system/global config and
-dangerous transports disabled.
+thread of the same scope, and runs with prompts, hooks, system/global config, replace
+refs and dangerous transports disabled. A local repository is read through a git dir of
+our own (``tasks.gitdir``), never with its own config; every object read is checked
+against its id, so what is stored under a blob id is that blob, whatever the repository.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -20,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks import gitdir
 from workers.errors import SourceError
 from workers.resources import ResourceManager
 from workers.scrub import scrub
@@ -34,9 +38,11 @@ SAFE_CONFIG = (
 )
 MODE_SYMLINK = 0o120000
 MODE_SUBMODULE = 0o160000
+MISSING = -1  # the size ls-tree -l gives an object it cannot read ("BAD")
+SYMLINK_MAX = 4095  # longest symlink target Linux accepts (PATH_MAX 4096 with its NUL)
 
 
-def git_env(ceiling: Path | None = None) -> dict[str, str]:
+def git_env() -> dict[str, str]:
     """The environment of every git process: no inherited GIT_*, no prompts, no config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "SSH_ASKPASS"))}
     env.update({
@@ -44,10 +50,12 @@ def git_env(ceiling: Path | None = None) -> dict[str, str]:
         "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=30",
         "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
         "GIT_ALLOW_PROTOCOL": "https:ssh:git:file", "GIT_PROTOCOL_FROM_USER": "0",
+        # refs/replace/* would let a repository map any object id to other content;
+        # GIT_NO_LAZY_FETCH (git >= 2.45) is a second lock on what the shadow git dir
+        # already prevents on older git: fetching a partial clone's missing objects
+        "GIT_NO_REPLACE_OBJECTS": "1", "GIT_NO_LAZY_FETCH": "1", "GIT_OPTIONAL_LOCKS": "0",
         "LC_ALL": "C",
     })
-    if ceiling is not None:
-        env["GIT_CEILING_DIRECTORIES"] = str(ceiling)
     return env
 
 
@@ -62,19 +70,25 @@ class TreeEntry:
 class Git:
     """A git repository read through subprocesses owned by one resource scope."""
 
-    def __init__(self, rm: ResourceManager, git_dir: Path, timeout: float) -> None:
+    def __init__(self, rm: ResourceManager, git_dir: Path, timeout: float, *,
+                 object_format: str = "sha1", partial: bool = False) -> None:
         self.rm = rm
         self.git_dir = git_dir
         self.timeout = timeout
+        self.object_format = object_format
+        self.partial = partial  # a partial clone: objects may be missing, never fetched
         self.expired: set[int] = set()  # pids its watchdogs killed at the deadline
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
-    def open_local(cls, rm: ResourceManager, path: Path, timeout: float) -> Git:
-        """The repository at ``path`` itself (never a parent's: the ceiling stops discovery)."""
-        out = run(rm, ["git", "-C", str(path), "rev-parse", "--absolute-git-dir"], timeout,
-                  env=git_env(ceiling=path.parent), what=f"open {path}")
-        return cls(rm, Path(out.decode().strip()), timeout)
+    def open_local(cls, rm: ResourceManager, path: Path, timeout: float,
+                   roots: tuple[Path, ...]) -> Git:
+        """The repository at ``path`` itself, read through a git dir of our own whose every
+        path resolves under ``roots`` (``tasks.gitdir``)."""
+        layout = gitdir.locate(path, roots, timeout=timeout)
+        shadow = gitdir.shadow(layout, rm.temp_path("gitdir"))
+        return cls(rm, shadow, timeout, object_format=layout.object_format,
+                   partial=layout.partial_clone)
 
     @classmethod
     def clone(cls, rm: ResourceManager, url: str, timeout: float) -> Git:
@@ -86,7 +100,8 @@ class Git:
 
     # -- plumbing ----------------------------------------------------------------------
     def _argv(self, *args: str) -> list[str]:
-        return ["git", f"--git-dir={self.git_dir}", *_config_args(), *args]
+        return ["git", "--no-replace-objects", f"--git-dir={self.git_dir}", *_config_args(),
+                *args]
 
     def resolve(self, ref: str) -> str:
         """The commit id ``ref`` names, or SourceError."""
@@ -123,14 +138,20 @@ class Git:
                 records = (rest + chunk).split(b"\0")
                 rest = records.pop()
                 for record in records:
-                    yield _parse_tree_record(record)
+                    entry = _parse_tree_record(record)
+                    if entry.size == MISSING:  # ls-tree -l could not read the object
+                        raise SourceError(self._missing(entry.sha))
+                    yield entry
             _finish(proc, "ls-tree", self.expired)
 
-    def read_blobs(self, shas: Iterable[str], window: int = 128) -> Iterator[tuple[str, bytes]]:
-        """Contents of ``shas``, in order, through one ``git cat-file --batch``.
+    def read_blobs(self, shas: Iterable[str], *, max_bytes: int, window: int = 128
+                   ) -> Iterator[tuple[str, bytes]]:
+        """Contents of the blobs ``shas``, in order, through one ``git cat-file --batch``.
 
         At most ``window`` requests are outstanding, so our writes to git's stdin never
         block while git waits for us to read its stdout (no deadlock, no feeder thread).
+        Each object must be a blob of at most ``max_bytes`` (checked from its header,
+        before it is read) whose content hashes to its id; otherwise SourceError.
         """
         with self._start("cat-file", "--batch", stdin=True) as proc:
             assert proc.stdin is not None and proc.stdout is not None
@@ -141,10 +162,21 @@ class Git:
                 if len(header) != 3:
                     if not header:
                         _finish(proc, "cat-file", self.expired)
-                    raise SourceError(f"git cat-file: object {pending[0]} is missing")
-                data = out.read(int(header[2]))
-                out.read(1)
-                yield pending.popleft(), data
+                    raise SourceError(self._missing(pending[0]))
+                size = int(header[2])
+                if header[1] != b"blob" or size > max_bytes:
+                    raise SourceError(f"git object {pending[0]} is a {header[1].decode()} of "
+                                      f"{size} bytes where the tree lists a blob of at most "
+                                      f"{max_bytes}")
+                data = out.read(size)
+                if len(data) < size or out.read(1) != b"\n":  # git ended mid-object
+                    _finish(proc, "cat-file", self.expired)
+                    raise SourceError(f"git cat-file: object {pending[0]} ended early")
+                sha = pending.popleft()
+                if object_id(self.object_format, b"blob", data) != sha:
+                    raise SourceError(f"git object {sha} is corrupt: its content does not "
+                                      "hash to its id")
+                yield sha, data
                 if len(pending) <= window // 2:
                     self._request(proc, pending, todo, window, self.expired)
             proc.stdin.close()
@@ -167,6 +199,21 @@ class Git:
                 raise SourceError("git cat-file closed its input early") from None
 
 
+    def _missing(self, sha: str) -> str:
+        if self.partial:
+            return (f"git object {sha} is missing: the repository is a partial clone and "
+                    "repoindex never fetches; index a full clone")
+        return f"git cat-file: object {sha} is missing"
+
+
+def object_id(object_format: str, kind: bytes, data: bytes) -> str:
+    """git's id of an object: the hash of ``<kind> <size>\\0`` and the content."""
+    digest = hashlib.new(object_format, usedforsecurity=False)
+    digest.update(kind + b" %d\0" % len(data))
+    digest.update(data)
+    return digest.hexdigest()
+
+
 def _config_args() -> list[str]:
     return [arg for item in SAFE_CONFIG for arg in ("-c", item)]
 
@@ -174,7 +221,8 @@ def _config_args() -> list[str]:
 def _parse_tree_record(record: bytes) -> TreeEntry:
     meta, _, path = record.partition(b"\t")
     mode, _type, sha, size = meta.split()
-    return TreeEntry(int(mode, 8), sha.decode(), None if size == b"-" else int(size), path)
+    size_of = None if size == b"-" else MISSING if size == b"BAD" else int(size)
+    return TreeEntry(int(mode, 8), sha.decode(), size_of, path)
 
 
 def _watchdog(stop: threading.Event, proc: subprocess.Popen[bytes], timeout: float,

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks import store
 from tasks.classify import classify, decode_path, language
-from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, Git, TreeEntry, git_env
+from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, SYMLINK_MAX, Git, TreeEntry, git_env
 from tasks.validate import IndexArgs
 from workers import logs
 from workers.errors import LimitExceeded
@@ -24,6 +24,9 @@ from workers.scrub import scrub
 from workers.settings import Settings
 
 Progress = Callable[[int, int], None]
+# A btree index entry holds at most ~2,700 bytes (files' and tree's primary keys): a
+# longer path is refused by name before anything is written, not by the server mid-COPY
+MAX_PATH_BYTES = 2048
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -38,10 +41,14 @@ def tree_rows(entries: Iterator[TreeEntry], *, max_files: int, max_bytes: int
             raise LimitExceeded(f"repository has more than {max_files} files "
                                 "(REPOINDEX_MAX_FILES)")
         path = decode_path(entry.path)
+        if len(path.encode()) > MAX_PATH_BYTES:
+            raise LimitExceeded(f"path {path[:60]!r}... is {len(path.encode())} bytes long; "
+                                f"the index holds paths of up to {MAX_PATH_BYTES} bytes")
         if entry.mode == MODE_SUBMODULE:
             kind = "submodule"
         elif entry.mode == MODE_SYMLINK:
-            kind = "symlink"
+            # a target no file system would accept is never read (nor held in memory)
+            kind = "symlink" if (entry.size or 0) <= SYMLINK_MAX else "too_large"
         elif entry.size is not None and entry.size > max_bytes:
             kind = "too_large"
         else:
@@ -51,7 +58,7 @@ def tree_rows(entries: Iterator[TreeEntry], *, max_files: int, max_bytes: int
 
 def open_source(rm: ResourceManager, args: IndexArgs, settings: Settings) -> Git:
     if args.source.path is not None:
-        return Git.open_local(rm, args.source.path, settings.git_timeout)
+        return Git.open_local(rm, args.source.path, settings.git_timeout, settings.roots)
     assert args.source.url is not None
     return Git.clone(rm, args.source.url, settings.git_timeout)
 
@@ -72,11 +79,13 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
         store.load_tree(conn, tree_rows(git.ls_tree(commit), max_files=settings.max_files,
                                         max_bytes=settings.max_file_bytes))
         wanted = store.to_read(conn, repo_id)
-        kinds = dict(wanted)
+        kinds, read = dict(wanted), len(wanted)
         read_bytes = 0
         progress(0, len(wanted))
         with store.blob_sink(conn) as sink:
-            for done, (sha, data) in enumerate(git.read_blobs(s for s, _ in wanted), start=1):
+            blobs = git.read_blobs((s for s, _ in wanted),
+                                   max_bytes=max(settings.max_file_bytes, SYMLINK_MAX))
+            for done, (sha, data) in enumerate(blobs, start=1):
                 read_bytes += len(data)
                 if kinds[sha] == "symlink":
                     sink.link(sha, decode_path(data))
@@ -84,8 +93,11 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
                     sink.blob(sha, len(data), classify(data))
                 progress(done, len(wanted))
         counts = store.apply(conn, repo_id, commit, job_id)
+    if counts["indexed"] or counts["removed"]:
+        store.keep_statistics(conn, counts["indexed"] + counts["removed"] + read)
+    if read:
+        store.flush_search_index(conn)
     rm.release(conn)
-    read = len(wanted)
     del wanted, kinds  # the per-run lists go now; the lifecycle collects and trims after
     return {"repository": args.name, "commit": commit, **counts, "read": read,
             "bytes": read_bytes, "seconds": round(time.perf_counter() - started, 3),
@@ -103,6 +115,8 @@ def delete_repository(rm: ResourceManager, name: str) -> dict[str, Any]:
     conn = rm.connection()
     with conn.transaction():
         result = store.delete_repository(conn, name)
+    if result["deleted"]:
+        store.keep_statistics(conn, result["files"] + result["blobs"])
     rm.release(conn)
     return result
 
@@ -134,5 +148,7 @@ def collect_garbage(rm: ResourceManager) -> dict[str, Any]:
     conn = rm.connection()
     with conn.transaction():
         result = store.collect_garbage(conn)
+    if result["blobs"]:
+        store.keep_statistics(conn, result["blobs"])
     rm.release(conn)
     return result

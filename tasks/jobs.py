@@ -8,25 +8,36 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
 from celery import shared_task
+from celery.utils.time import get_exponential_backoff_interval
 
 from tasks import indexer, validate
-from workers import resources, runtime
+from workers import db, resources, runtime
 from workers.errors import BadInput
 from workers.task import OperationTask
 
 
 class RetryingOperation(OperationTask):
-    """An operation retried with backoff on a transient database failure (server restarted,
-    backend terminated, pool timeout): indexing and deleting are idempotent, so a retry is
-    always safe."""
+    """An operation retried with backoff on a transient failure (``workers.db.transient``:
+    server restarted, backend terminated, pool timeout), wherever in the lifecycle it
+    happens, the run ledger's row included: indexing and deleting are idempotent, so a
+    retry is always safe. Anything else (e.g. a program limit exceeded) fails at once."""
 
     abstract = True
-    autoretry_for = (psycopg.OperationalError,)
     retry_backoff = 1
     retry_backoff_max = 30
     max_retries = 3
+
+    def failed(self, error: Exception) -> BaseException:
+        if not db.transient(error):
+            return error
+        countdown = get_exponential_backoff_interval(
+            factor=self.retry_backoff, retries=self.request.retries,
+            maximum=self.retry_backoff_max, full_jitter=True)
+        try:  # Retry (sent), or ``error`` itself once max_retries is exceeded
+            return self.retry(exc=error, countdown=countdown, throw=False)
+        except Exception as final:
+            return final
 
 
 @shared_task(name="repoindex.index_repository", base=RetryingOperation,

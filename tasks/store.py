@@ -148,6 +148,40 @@ def collect_garbage(conn: Conn) -> dict[str, Any]:
     return {"blobs": blobs}
 
 
+# autovacuum's own rule for when a table needs ANALYZE (threshold + scale factor * rows),
+# applied by the product: a server may run with autovacuum off, and a table nobody
+# analyzed is planned as if empty (search would read every blob, never the trigram index)
+ANALYZE_THRESHOLD, ANALYZE_SCALE = 50, 0.1
+
+
+def keep_statistics(conn: Conn, changed: int) -> list[str]:
+    """ANALYZE ``blobs`` and ``files`` where rows changed since their last analysis (this
+    operation's ``changed`` included: its counts reach the statistics a moment later)
+    exceed autovacuum's threshold; outside the operation's transaction. Returns them."""
+    rows = conn.execute(
+        "SELECT c.relname, s.n_mod_since_analyze, c.reltuples FROM pg_class c"
+        " JOIN pg_stat_user_tables s ON s.relid = c.oid"
+        " WHERE c.oid IN ('blobs'::regclass, 'files'::regclass)").fetchall()
+    stale = [name for name, mods, tuples in rows
+             if mods + changed > ANALYZE_THRESHOLD + ANALYZE_SCALE * max(float(tuples), 0.0)]
+    for name in stale:
+        conn.execute(f"ANALYZE {name}")
+    conn.commit()
+    return stale
+
+
+def flush_search_index(conn: Conn) -> None:
+    """Move the trigram index's pending list (GIN fastupdate: up to 4 MB of entries every
+    search must scan one by one) into the index proper, after an operation added blobs: a
+    search for a rare literal then reads a few index pages instead of the list. Only
+    VACUUM and autoanalyze do it otherwise, and autovacuum may be off."""
+    try:
+        conn.execute("SELECT gin_clean_pending_list('blobs_content_trgm'::regclass)")
+        conn.commit()
+    except psycopg.errors.InsufficientPrivilege:  # not the owner: VACUUM will do it
+        conn.rollback()
+
+
 def repositories(conn: Conn) -> list[dict[str, Any]]:
     cur = conn.execute("SELECT name, source, commit, files, indexed_at FROM repositories"
                        " ORDER BY name")

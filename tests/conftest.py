@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from workers import devservices
-from workers.launcher import WorkerProcess
+from devtools import devservices
+from devtools.launcher import WorkerProcess
 from workers.sentinel import open_fds
 
 _stack = contextlib.ExitStack()

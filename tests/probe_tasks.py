@@ -68,6 +68,9 @@ def everything(self: OperationTask, tag: str, fail_at: str | None = None,
             rm.start_thread(lambda stop: stop.wait(60), name=f"probe-{tag}")
         elif step == "sleep":
             time.sleep(sleep)
+    # after the sleep, so that a job seen STARTED is mid-sleep; the first report opens the
+    # child's lasting event connection (a warm-up must have done that, as operations do)
+    self.progress()(1, 1, "probing")
     live = rm.live()
     conn.commit()
     return {"pid": os.getpid(), "live": live}
@@ -111,6 +114,17 @@ def sleep(self: OperationTask, seconds: float, tag: str = "") -> dict[str, Any]:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     return {"pid": os.getpid(), "tag": tag}
+
+
+@shared_task(name="probe.phases", base=OperationTask, bind=True)
+def phases(self: OperationTask, names: list[str], steps: int, seconds: float) -> int:
+    """Reports ``steps`` steps of each phase in ``names`` over ``seconds`` each."""
+    report = self.progress()
+    for name in names:
+        for done in range(steps + 1):
+            report(done, steps, name)
+            time.sleep(seconds / steps)
+    return len(names)
 
 
 @shared_task(name="probe.state")

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from workers import devservices
+from devtools import devservices
 from workers.db import MIGRATIONS, migrate
 from workers.errors import ConfigError
 
@@ -28,7 +28,7 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
 
 def test_compose_file_parses(tmp_path: Path) -> None:
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+        pytest.skip("docker-compose is not installed (ops/test.sh installs it)")
     env = {**os.environ, "FLOWER_PASSWORD": "x"}
     out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config",
                           "-q"], env=env, capture_output=True, text=True, cwd=ROOT)
@@ -113,3 +113,46 @@ def test_stats_of_unopened_database() -> None:
     db.close()
     with pytest.raises(Exception, match="closed"):
         db.open()
+
+
+def _path_without(tmp_path: Path, *missing: str) -> str:
+    """A PATH holding links to every program of ours except ``missing`` (and no apt-get)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("bash", "ls", "id", "git", "redis-server", "initdb", "promtool", "prometheus",
+                 "docker-compose", "ip", "tc", "chromium"):
+        found = shutil.which(name) or "/bin/true"
+        if name not in missing:
+            (bin_dir / name).symlink_to(found)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize(("missing", "packages"), [
+    (("promtool",), "prometheus"),
+    (("redis-server", "chromium"), "redis-server chromium"),
+    (("tc",), "iproute2"),
+])
+def test_system_step_names_what_to_install_where_it_cannot_install(
+        tmp_path: Path, missing: tuple[str, ...], packages: str) -> None:
+    """Without apt-get (or not root) the README's commands name the packages and exit 2."""
+    path = _path_without(tmp_path, *missing)
+    done = subprocess.run([shutil.which("bash") or "bash", str(ROOT / "ops" / "system.sh")],
+                          env={"PATH": path}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"install these packages first: {packages}\n" in done.stderr
+    assert f"apt-get install {packages}" in done.stderr
+
+
+def test_system_step_is_silent_when_everything_is_there(tmp_path: Path) -> None:
+    done = subprocess.run([shutil.which("bash") or "bash", str(ROOT / "ops" / "system.sh"),
+                           "--check"], env={"PATH": _path_without(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_the_demo_needs_fewer_programs_than_the_suite(tmp_path: Path) -> None:
+    path = _path_without(tmp_path, "promtool", "chromium")
+    done = subprocess.run([shutil.which("bash") or "bash", str(ROOT / "ops" / "system.sh"),
+                           "--for", "demo"], env={"PATH": path}, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")

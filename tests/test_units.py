@@ -15,7 +15,7 @@ from tasks.search import like_pattern, search
 from workers import logs
 from workers.errors import BadInput, ConfigError
 from workers.ledger import error_text
-from workers.scrub import scrub
+from workers.scrub import scrub, scrub_value
 from workers.settings import VARIABLES, Settings
 
 
@@ -60,10 +60,18 @@ def test_settings_refuse_bad_values(env: dict[str, str], message: str) -> None:
         Settings.from_env(env)
 
 
-def test_every_variable_is_documented_in_readme() -> None:
+def test_readme_configuration_table_is_the_declared_settings() -> None:
+    """Row by row: variable, default and meaning as ``Settings`` declares them."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name, _, _ in VARIABLES:
-        assert f"`{name}`" in readme, name
+    table = readme.split("| Variable | Default | Meaning |\n|---|---|---|\n", 1)[1]
+    rows = [line for line in table.split("\n\n", 1)[0].splitlines()]
+    assert rows == [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in VARIABLES]
+
+
+def test_settings_defaults_are_the_declared_ones() -> None:
+    assert Settings.from_env({}) == Settings()
+    assert Settings().result_backend == Settings().redis_url
+    assert Settings.from_env({"REPOINDEX_SAMPLE_SECONDS": "0.5"}).sample_seconds == 0.5
 
 
 def test_scrub() -> None:
@@ -71,6 +79,50 @@ def test_scrub() -> None:
     assert scrub("postgresql://u:p%40ss@db/x failed") == "postgresql://u:***@db/x failed"
     assert scrub("host=db password=secret user=x") == "host=db password=*** user=x"
     assert scrub("https://github.com/org/repo") == "https://github.com/org/repo"
+
+
+@pytest.mark.parametrize(("text", "scrubbed"), [
+    ("https://TOKEN123@host/x.git", "https://***@host/x.git"),  # a token as the user name
+    ("https://ghp_0123456789abcdefghij:x-oauth-basic@h/x", "https://***@h/x"),
+    ("https://user:p@ss@host/x", "https://user:***@host/x"),  # a raw '@' in the password
+    ("https://user:secret@h/x, mail a@b.c", "https://user:***@h/x, mail a@b.c"),
+    ("ssh://git@host/x.git", "ssh://git@host/x.git"),  # an account, not a secret
+    ("git@github.com:org/x.git", "git@github.com:org/x.git"),
+    ("ssh://u:pw@host/x", "ssh://u:***@host/x"),
+])
+def test_scrub_user_tokens_and_raw_at_signs(text: str, scrubbed: str) -> None:
+    assert scrub(text) == scrubbed
+
+
+def test_scrub_value_reaches_every_string() -> None:
+    value = {"source": "https://TOKEN123@h/x", "nested": [("https://u:pw@h/y", 3)], "n": 1}
+    assert scrub_value(value) == {"source": "https://***@h/x",
+                                  "nested": [("https://u:***@h/y", 3)], "n": 1}
+
+
+def test_log_lines_cannot_be_forged(capsys: pytest.CaptureFixture[str]) -> None:
+    """Control characters in a message or a bound value are escaped; a traceback's lines
+    are indented: every line of the log that starts at column 0 is a record."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    forged = "2026-12-01 00:00:00,000 ERROR [MainProcess] FORGED"
+    try:
+        logs.configure("INFO", "text")
+        log = logging.getLogger("repoindex.test")
+        with logs.bound(job=f"j\n{forged}"):
+            log.info("task %s received", f"id\r\n{forged}\u2028\x1b[31m")
+            try:
+                raise ValueError(f"bad\n{forged}")
+            except ValueError:
+                log.exception("failed")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = capsys.readouterr().err.splitlines()
+    assert not any(line.startswith(forged) for line in lines), lines
+    assert "id\\r\\n" + forged + "\\u2028\\x1b[31m" in lines[0]
+    assert lines[0].endswith(f"job=j\\n{forged}")
+    assert [ln[:4] for ln in lines[2:]] == ["    "] * len(lines[2:])
 
 
 def test_error_text() -> None:
@@ -193,3 +245,26 @@ def test_idle_in_transaction_backstop_ends_a_forgotten_transaction() -> None:
         time.sleep(1.0)
         with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
             conn.execute("SELECT 1")
+
+
+def test_transient_is_decided_by_sqlstate_and_connection_state() -> None:
+    """Retried: connection exceptions, server shutdown/restart, too many connections,
+    serialization failures, a broken connection, a pool timeout. Not retried: class 54
+    (e.g. "index row size exceeds"), which psycopg also maps to OperationalError."""
+    import psycopg
+
+    from workers.db import transient
+    from workers.errors import BadInput, PoolTimeout
+
+    errors = psycopg.errors
+    for error in (errors.AdminShutdown(), errors.CannotConnectNow(), errors.CrashShutdown(),
+                  errors.TooManyConnections(), errors.SerializationFailure(),
+                  errors.DeadlockDetected(), errors.ConnectionFailure(),
+                  psycopg.OperationalError("server closed the connection unexpectedly"),
+                  PoolTimeout("no database connection within 2 s")):
+        assert transient(error), error
+    for error in (errors.ProgramLimitExceeded(), errors.StatementTooComplex(),
+                  errors.UniqueViolation(), errors.QueryCanceled(), ValueError("x"),
+                  BadInput("bad")):
+        assert not transient(error), error
+    assert isinstance(errors.ProgramLimitExceeded(), psycopg.OperationalError)

@@ -7,7 +7,6 @@ parent's server connections. ``Database`` has explicit, idempotent open/close.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
@@ -18,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+import psycopg_pool
+from psycopg_pool import ConnectionPool
 
-from workers.errors import ResourceError
+from workers.errors import PoolTimeout, ResourceError, TransientError
+from workers.kinds import State
 from workers.settings import Settings
 
 log = logging.getLogger("repoindex.db")
@@ -28,10 +29,25 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "ops" / "migrations"
 _MIGRATION_LOCK = 0x7265706F  # "repo": one advisory lock key for all migrators
 
 
-class PoolState(enum.Enum):
-    UNOPENED = "unopened"
-    OPEN = "open"
-    CLOSED = "closed"
+# SQLSTATEs a later attempt may not meet besides class 08 (connection exception): the server
+# shutting down or restarting (57P01-57P03), too many connections (53300), a serialization
+# failure or deadlock (40001, 40P01). Everything else, e.g. class 54 (program limit
+# exceeded, "index row size exceeds ..."), which psycopg also maps to OperationalError,
+# fails the same way again.
+TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a retry may succeed: our ``TransientError`` (pool timeout), a connection
+    exception or one of ``TRANSIENT_SQLSTATES``, or a broken connection (no SQLSTATE)."""
+    if isinstance(error, TransientError):
+        return True
+    if not isinstance(error, psycopg.Error):
+        return False
+    state = error.sqlstate
+    if state is None:
+        return isinstance(error, psycopg.OperationalError)
+    return state.startswith("08") or state in TRANSIENT_SQLSTATES
 
 
 def session_options(settings: Settings) -> str:
@@ -76,10 +92,10 @@ class _Pool(ConnectionPool[Any]):
         began = time.monotonic()
         try:
             conn: psycopg.Connection[Any] = super().getconn(timeout)
-        except PoolTimeout:
+        except psycopg_pool.PoolTimeout:
             waited = self.timeout if timeout is None else timeout
             reason = getattr(self.connection_class, "last_error", None)
-            raise ResourceError(
+            raise PoolTimeout(
                 f"no database connection within {waited:g} s (REPOINDEX_DB_POOL_TIMEOUT;"
                 f" at most {self.max_size} per worker child"
                 + (f"; the server said: {reason})" if reason else
@@ -96,7 +112,7 @@ class Database:
 
     def __init__(self, settings: Settings, *, name: str = "repoindex") -> None:
         self.settings = settings
-        self.state = PoolState.UNOPENED
+        self.state = State.UNOPENED
         self.pool_sockets: set[str] = set()  # /proc fd targets the pool owns (leak sentinel)
         self._lock = threading.Lock()
         # a class per pool: the last connection error is this pool's own
@@ -107,6 +123,8 @@ class Database:
             min_size=settings.pool_min,
             max_size=settings.pool_max,
             timeout=settings.pool_timeout,
+            max_lifetime=settings.pool_max_lifetime,
+            max_idle=settings.pool_max_idle,
             open=False,
             name=name,
             kwargs={"options": session_options(settings)},
@@ -128,28 +146,28 @@ class Database:
 
     @property
     def pool(self) -> ConnectionPool:
-        if self.state is not PoolState.OPEN:
+        if self.state is not State.OPEN:
             raise ResourceError(f"database pool is {self.state.value}")
         return self._pool
 
     def open(self, *, wait: bool = False) -> None:
         """Start the pool; with ``wait=False`` connections are made in the background."""
-        if self.state is PoolState.OPEN:
+        if self.state is State.OPEN:
             return
-        if self.state is PoolState.CLOSED:
+        if self.state is State.CLOSED:
             raise ResourceError("database pool was closed; make a new Database")
         self._pool.open(wait=wait)
-        self.state = PoolState.OPEN
+        self.state = State.OPEN
 
     def close(self) -> None:
         """Close the pool (idempotent)."""
-        if self.state is PoolState.OPEN:
+        if self.state is State.OPEN:
             self._pool.close(timeout=5.0)
-        self.state = PoolState.CLOSED
+        self.state = State.CLOSED
 
     def stats(self) -> dict[str, int]:
         """Pool statistics with the keys psycopg omits when zero filled in."""
-        raw = self._pool.get_stats() if self.state is PoolState.OPEN else {}
+        raw = self._pool.get_stats() if self.state is State.OPEN else {}
         keys = ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting",
                 "requests_num", "requests_errors", "connections_lost", "returns_bad")
         stats = {k: int(raw.get(k, 0)) for k in keys}

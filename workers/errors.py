@@ -3,6 +3,10 @@
 ``RepoindexError`` subclasses are *failures* a caller should read: their message is one
 line, safe to show (no credentials), and ends up in the job status and the run ledger.
 Control flow (requeue on shutdown) is not an error and is not modelled here.
+
+``TransientError`` is the branch a later attempt may not meet; the operation base retries
+it, together with the database's own transient failures (server restarted, backend
+terminated, too many connections, serialization failure: ``workers.db.transient``).
 """
 
 from __future__ import annotations
@@ -37,3 +41,11 @@ class LimitExceeded(RepoindexError):
 
 class ResourceError(RepoindexError):
     """The resource scope was misused (acquire after close) or could not acquire."""
+
+
+class TransientError(RepoindexError):
+    """A failure a later attempt may not meet: retried by ``RetryingOperation``."""
+
+
+class PoolTimeout(TransientError, ResourceError):
+    """No pooled database connection within REPOINDEX_DB_POOL_TIMEOUT."""

@@ -1,5 +1,7 @@
-"""The only module that connects Celery signals. Receivers are strong, connected once
-(``dispatch_uid``) and trivial: each delegates to the runtime or the sentinel."""
+"""The only module that connects Celery signals, and only those of a process's life
+(logging, after fork, shutdown, ready). Receivers are strong, connected once
+(``dispatch_uid``) and trivial. What happens around each operation is not here: it is the
+steps of ``workers.task.STEPS``."""
 
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from typing import Any
 from celery import signals
 
 from workers import logs, monitor, runtime, shutdown
-from workers.settings import Settings
+from workers.settings import process_settings
 
 log = logging.getLogger("repoindex.hooks")
 
 
 def on_setup_logging(**_: Any) -> None:
-    settings = Settings.from_env()
+    settings = process_settings()
     logs.configure(settings.log_level, settings.log_format)
 
 
@@ -42,26 +44,12 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
         shutdown.install_handlers(sender.controller)
 
 
-def on_task_prerun(task_id: str | None = None, **_: Any) -> None:
-    if task_id:
-        runtime.current().sentinel.before(task_id)
-
-
-def on_task_postrun(task_id: str | None = None, **_: Any) -> None:
-    if task_id:
-        rt = runtime.current()
-        rt.sentinel.after(task_id)
-        rt.publish()
-
-
 _RECEIVERS = (
     (signals.setup_logging, on_setup_logging),
     (signals.worker_process_init, on_process_init),
     (signals.worker_process_shutdown, on_process_shutdown),
     (signals.worker_shutdown, on_worker_shutdown),
     (signals.worker_ready, on_worker_ready),
-    (signals.task_prerun, on_task_prerun),
-    (signals.task_postrun, on_task_postrun),
 )
 
 

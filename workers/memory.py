@@ -89,6 +89,7 @@ class LeakDetector:
     trace_dir: Path | None = None  # with tracemalloc on: where the top-N diff goes
     report: Callable[[str], None] | None = None
     suspected: int = 0
+    evaluated: int = 0  # windows closed and compared (a time-driven event of the soak)
     floors: list[int] = field(default_factory=list)
     _seen: int = 0
     _current: int | None = None
@@ -107,6 +108,7 @@ class LeakDetector:
         if self._in_window < self.window:
             return None
         self.floors.append(self._current)
+        self.evaluated += 1
         self._current, self._in_window = None, 0
         recent = self.floors[-(self.windows + 1):]
         if len(recent) <= self.windows or not all(

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
                 30.0)
 # Label values present from the start at 0: an alert on increase() cannot see the first
 # event of a series that appears with value 1 (no earlier sample to compare with).
-LEAK_KINDS = ("fd", "thread", "process", "temp", "connection", "memory")
 RECYCLE_REASONS = ("memory", "max_tasks", "died")
 CLEANUP_OUTCOMES = ("clean", "failed")
 POOL_KEYS = ("pool_max", "pool_size", "pool_available", "requests_waiting", "checked_out")
@@ -103,6 +102,7 @@ class Totals:
     leaks: Counter[str] = field(default_factory=Counter)
     recycles: Counter[str] = field(default_factory=Counter)
     returns_bad: int = 0
+    events: Counter[str] = field(default_factory=Counter)  # time-driven events, by name
     wait: Histogram = field(default_factory=lambda: Histogram(WAIT_BUCKETS))
 
     def duration(self, task: str) -> Histogram:
@@ -117,6 +117,7 @@ class Totals:
         self.leaks.update(doc.get("leaks", {}))
         self.recycles.update(doc.get("recycles", {}))
         self.returns_bad += int(doc.get("returns_bad", 0))
+        self.events.update(doc.get("events", {}))
         if "pool_wait" in doc:
             self.wait.add(doc["pool_wait"])
 
@@ -131,6 +132,7 @@ class Totals:
             "durations": {t: h.as_doc() for t, h in self.durations.items()},
             "cleanups": dict(self.cleanups), "leaks": dict(self.leaks),
             "recycles": dict(self.recycles), "returns_bad": self.returns_bad,
+            "events": dict(self.events),
             "pool_wait": self.wait.as_doc(),
         }
 
@@ -149,6 +151,11 @@ class ChildStats:
         with self._lock:
             self.counts.wait.observe(seconds)
 
+    def event(self, name: str, n: int = 1) -> None:
+        """A time-driven event of this child (a sample taken, a pool connection replaced)."""
+        with self._lock:
+            self.counts.events[name] += n
+
     def record(self, task: str, outcome: str, seconds: float, cleanup_failures: int) -> None:
         """One finished operation (any outcome)."""
         with self._lock:
@@ -157,9 +164,12 @@ class ChildStats:
             self.counts.cleanups["failed" if cleanup_failures else "clean"] += 1
 
     def document(self, *, leaks: Mapping[str, int], pool: Mapping[str, int],
-                 returns_bad: int, exit: str | None = None) -> dict[str, Any]:
+                 returns_bad: int, exit: str | None = None,
+                 events: Mapping[str, int] | None = None) -> dict[str, Any]:
         with self._lock:
-            return {**self.counts.as_doc(), "pid": os.getpid(), "ts": time.time(),
+            doc = self.counts.as_doc()
+            doc["events"] = {**doc["events"], **(events or {})}
+            return {**doc, "pid": os.getpid(), "ts": time.time(),
                     "exit": exit, "leaks": dict(leaks), "returns_bad": returns_bad,
                     "pool": {k: int(pool.get(k, 0)) for k in POOL_KEYS}}
 
@@ -273,97 +283,3 @@ class WorkerMetrics:
                              "pool": doc.get("pool", {k: 0 for k in POOL_KEYS})})
         return {"worker": self.worker, "pid": os.getpid(), "memory_limit": self.memory_limit,
                 "children": children, "totals": totals.as_doc()}
-
-
-class Collector:
-    """A prometheus_client collector of a ``WorkerMetrics`` (one snapshot per scrape)."""
-
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
-        snap = self.metrics.snapshot()
-        worker = snap["worker"]
-        per_child = (
-            ("child_open_fds", "Open file descriptors of a worker child.", "fds"),
-            ("child_fd_limit", "RLIMIT_NOFILE (soft) of a worker child.", "fd_limit"),
-            ("child_rss_bytes", "Resident set size of a worker child.", "rss"),
-            ("child_uss_bytes", "Unique set size of a worker child.", "uss"),
-            ("child_threads", "Threads of a worker child.", "threads"),
-        )
-        for name, doc, key in per_child:
-            fam = GaugeMetricFamily(f"repoindex_{name}", doc, labels=["worker", "pid"])
-            for child in snap["children"]:
-                fam.add_metric([worker, str(child["pid"])], child[key])
-            yield fam
-        pool = (
-            ("pool_max", "Most connections a child's pool may hold.", "pool_max"),
-            ("pool_size", "Connections in a child's pool (in use, idle or being made).",
-             "pool_size"),
-            ("pool_available", "Idle connections in a child's pool.", "pool_available"),
-            ("pool_checked_out", "Connections a child's operation holds.", "checked_out"),
-            ("pool_requests_waiting", "Requests waiting for a connection in a child's pool.",
-             "requests_waiting"),
-        )
-        for name, doc, key in pool:
-            fam = GaugeMetricFamily(f"repoindex_{name}", doc, labels=["worker", "pid"])
-            for child in snap["children"]:
-                fam.add_metric([worker, str(child["pid"])], child["pool"].get(key, 0))
-            yield fam
-        children = GaugeMetricFamily("repoindex_children", "Live prefork children.",
-                                     labels=["worker"])
-        children.add_metric([worker], len(snap["children"]))
-        yield children
-        limit = GaugeMetricFamily("repoindex_child_memory_limit_bytes",
-                                  "RSS above which a child is replaced after its operation.",
-                                  labels=["worker"])
-        limit.add_metric([worker], snap["memory_limit"])
-        yield limit
-        yield from self._counters(worker, snap["totals"], CounterMetricFamily,
-                                  HistogramMetricFamily)
-
-    @staticmethod
-    def _counters(worker: str, totals: dict[str, Any], counter: Any,
-                  histogram: Any) -> Iterator[Any]:
-        ops = counter("repoindex_operations", "Operations finished, by task and outcome.",
-                      labels=["worker", "task", "outcome"])
-        for task, outcome, n in totals["operations"]:
-            ops.add_metric([worker, task, outcome], n)
-        yield ops
-        hist = histogram("repoindex_operation_duration_seconds",
-                         "Wall time of operations, by task.", labels=["worker", "task"])
-        for task, data in sorted(totals["durations"].items()):
-            durations = Histogram(BUCKETS)
-            durations.add(data)
-            hist.add_metric([worker, task], durations.cumulative(), durations.total)
-        yield hist
-        for name, doc, key, label, known in (
-            ("cleanups", "Operation cleanups, by outcome (clean or failed steps).",
-             "cleanups", "outcome", CLEANUP_OUTCOMES),
-            ("leaks", "Leaks detected after operations, by kind.", "leaks", "kind",
-             LEAK_KINDS),
-            ("child_recycles", "Worker children replaced, by reason.", "recycles", "reason",
-             RECYCLE_REASONS),
-        ):
-            fam = counter(f"repoindex_{name}", doc, labels=["worker", label])
-            values = dict.fromkeys(known, 0) | totals[key]
-            for value, n in sorted(values.items()):
-                fam.add_metric([worker, value], n)
-            yield fam
-        wait = histogram("repoindex_pool_wait_seconds",
-                         "Time an operation waited for a pooled database connection.",
-                         labels=["worker"])
-        waits = Histogram(WAIT_BUCKETS)
-        waits.add(totals["pool_wait"])
-        wait.add_metric([worker], waits.cumulative(), waits.total)
-        yield wait
-        bad = counter("repoindex_pool_returns_bad", "Connections returned to a pool broken.",
-                      labels=["worker"])
-        bad.add_metric([worker], totals["returns_bad"])
-        yield bad

@@ -13,14 +13,15 @@ import logging
 import os
 import shutil
 import threading
+from collections import Counter
 from typing import Any
 
 import psutil
 from celery import bootsteps
 from celery.worker.control import inspect_command
 
-from workers import alerts, metrics, runtime
-from workers.settings import Settings
+from workers import alerts, metrics, metrics_export, runtime
+from workers.settings import Settings, process_settings
 
 log = logging.getLogger("repoindex.monitor")
 _inherited: list[Any] = []  # the listening socket, closed in children after fork
@@ -54,7 +55,7 @@ class Monitor(bootsteps.StartStopStep):
         worker.repoindex_monitor = self
 
     def start(self, worker: Any) -> None:
-        settings = Settings.from_env()
+        settings = process_settings()
         runtime.sweep_temp(settings.temp_dir)
         me = psutil.Process()
         self.metrics = metrics.WorkerMetrics(
@@ -74,7 +75,7 @@ class Monitor(bootsteps.StartStopStep):
 
         assert self.metrics is not None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(metrics.Collector(self.metrics))
+        registry.register(metrics_export.Collector(self.metrics))
         try:
             self.server, self.server_thread = start_http_server(
                 settings.metrics_port, addr=settings.metrics_addr, registry=registry)
@@ -117,20 +118,59 @@ class Monitor(bootsteps.StartStopStep):
         self.stop(worker)
 
     def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]
-        """Merged into ``inspect stats`` (Flower shows it on the worker's page)."""
-        return {"repoindex": self.snapshot()}
+        """Merged into ``inspect stats``: Flower shows each key as one row of the worker
+        page's "Other" tab, so the figures go in as labelled rows in human units (the
+        same figures as numbers: ``repoindex stats --json``, /metrics)."""
+        return labelled_rows(self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
         return self.metrics.snapshot() if self.metrics is not None else {}
 
 
-def fleet_stats(app: Any, *, timeout: float = 2.0,
-                destination: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every (or each named) worker replica's ``repoindex_stats`` reply, by worker name."""
-    replies = app.control.broadcast("repoindex_stats", reply=True, timeout=timeout,
-                                    destination=destination) or []
-    docs = [doc for reply in replies for doc in reply.values() if doc]
-    return sorted(docs, key=lambda d: str(d.get("worker")))
+def labelled_rows(doc: dict[str, Any]) -> dict[str, str]:
+    """``repoindex ...`` → text: one row per replica figure, then per child and figure."""
+    if not doc:
+        return {}
+    totals = doc["totals"]
+    by_outcome: Counter[str] = Counter()
+    for _task, outcome, n in totals["operations"]:
+        by_outcome[outcome] += n
+    count = sum(sum(h["buckets"]) for h in totals["durations"].values())
+    spent = sum(h["sum"] for h in totals["durations"].values())
+    rows = {
+        "repoindex children": str(len(doc["children"])),
+        "repoindex memory limit per child": _mib(doc["memory_limit"]) if doc["memory_limit"]
+        else "none",
+        "repoindex operations": _counts(by_outcome, ("succeeded", "failed", "retried",
+                                                       "interrupted")),
+        "repoindex operation time (mean)": f"{spent / count:.2f} s over {count} operations"
+        if count else "no operations yet",
+        "repoindex cleanups": _counts(Counter(totals["cleanups"]), metrics.CLEANUP_OUTCOMES),
+        "repoindex leaks": _counts(Counter(totals["leaks"])) or "none",
+        "repoindex child recycles": _counts(Counter(totals["recycles"])) or "none",
+        "repoindex pool connections returned bad": str(totals["returns_bad"]),
+    }
+    for child in doc["children"]:
+        label = f"repoindex child {child['pid']}"
+        pool = child["pool"]
+        rows.update({
+            f"{label} open files": f"{child['fds']} of {child['fd_limit']}",
+            f"{label} memory": f"RSS {_mib(child['rss'])}, USS {_mib(child['uss'])}",
+            f"{label} threads": str(child["threads"]),
+            f"{label} operations": str(child["operations"]),
+            f"{label} database pool": f"{pool['pool_size']} open, {pool['pool_available']} idle,"
+                                      f" max {pool['pool_max']}, {pool['requests_waiting']}"
+                                      " waiting",
+        })
+    return rows
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _counts(counts: Counter[str], keys: tuple[str, ...] = ()) -> str:
+    return ", ".join(f"{k} {counts.get(k, 0)}" for k in (keys or tuple(sorted(counts))))
 
 
 @inspect_command(name="repoindex_stats")

@@ -14,38 +14,30 @@ Design:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import contextvars
-import enum
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from workers.errors import ResourceError
+from workers.kinds import SCOPE_KINDS, State
+from workers.processes import has_open_pipes, reap
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg_pool import ConnectionPool
 
 log = logging.getLogger("repoindex.cleanup")
-KINDS = ("files", "connections", "temp", "processes", "threads", "tasks")
+KINDS = SCOPE_KINDS
 _current: contextvars.ContextVar[ResourceManager] = contextvars.ContextVar("repoindex_scope")
-
-
-class State(enum.Enum):
-    UNOPENED = "unopened"
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 @dataclass(eq=False)
@@ -158,7 +150,8 @@ class ResourceManager:
         ms = (time.perf_counter() - self._started) * 1000 if self._started else 0.0
         self.report = CleanupReport(self.op_id, self.repo, outcome_of(error),
                                     dict(self._acquired), failures, ms)
-        log.log(logging.WARNING if failures else logging.INFO, "%s", self.report.line())
+        log.log(logging.WARNING if failures else logging.INFO, "%s", self.report.line(),
+                extra={"names_context": True})
         if pending is not None:
             raise pending
         return self.report
@@ -262,7 +255,7 @@ class ResourceManager:
         kw.setdefault("start_new_session", True)
         proc = subprocess.Popen(args, **kw)
         self.track("processes", proc, lambda: reap(proc, self._grace),
-                   lambda: proc.returncode is None or _has_open_pipes(proc),
+                   lambda: proc.returncode is None or has_open_pipes(proc),
                    label=f"pid={proc.pid} {args[0]}")
         return proc
 
@@ -285,10 +278,6 @@ class ResourceManager:
         return thread
 
 
-def _has_open_pipes(proc: subprocess.Popen[bytes]) -> bool:
-    return any(p is not None and not p.closed for p in (proc.stdin, proc.stdout, proc.stderr))
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -296,81 +285,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def reap(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """Close our pipe ends, stop the process (TERM, then KILL) and wait for it."""
-    try:
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                with contextlib.suppress(OSError):  # EPIPE flushing stdin of a dead child
-                    pipe.close()
-    finally:
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-        proc.wait()
-        _signal_group(proc, signal.SIGKILL)  # stragglers of its group, if any
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Signal the process's group when it leads one, else the process alone."""
-    try:
-        if os.getpgid(proc.pid) == proc.pid:
-            os.killpg(proc.pid, sig)
-        elif proc.returncode is None:
-            proc.send_signal(sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def safe_name(text: str) -> str:
     """A file-name-safe rendering of an operation id or temp name."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
     return cleaned.strip(".") or "op"
-
-
-class AsyncResourceManager:
-    """``async with``: the same scope for async code, which also owns asyncio tasks.
-
-    On exit, live tasks are cancelled newest first and awaited (up to the grace period) so
-    their own ``finally`` blocks run before the synchronous resources are released.
-    """
-
-    def __init__(self, op_id: str, **kw: Any) -> None:
-        self.sync = ResourceManager(op_id, **kw)
-        self._tasks: dict[asyncio.Task[Any], None] = {}
-
-    async def __aenter__(self) -> AsyncResourceManager:
-        self.sync.open()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        live = [t for t in reversed(self._tasks) if not t.done()]
-        for task in live:
-            task.cancel()
-        if live:
-            await asyncio.wait(live, timeout=self.sync._grace)
-        self.sync.__exit__(et, ev, tb)
-
-    def create_task(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None
-                    ) -> asyncio.Task[Any]:
-        """Start a task owned by this scope."""
-        try:
-            self.sync._require_open("tasks")
-        except ResourceError:
-            coro.close()  # refused: never leave a coroutine that is not awaited
-            raise
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks[task] = None
-        task.add_done_callback(lambda t: self._tasks.pop(t, None))
-
-        def still_running() -> None:
-            if not task.done():
-                raise ResourceError(f"task {task.get_name()} did not stop when cancelled")
-
-        self.sync.track("tasks", task, still_running, lambda: not task.done(),
-                        label=task.get_name())
-        return task

@@ -18,12 +18,12 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from workers import alerts, ledger, memory, metrics
+from workers import alerts, memory, metrics
 from workers.db import Database, migrate
 from workers.resources import ResourceManager
 from workers.sampler import Sample, Sampler, collect, log_sample
 from workers.sentinel import Sentinel
-from workers.settings import Settings
+from workers.settings import Settings, process_settings
 
 log = logging.getLogger("repoindex.runtime")
 _lock = threading.Lock()
@@ -48,7 +48,9 @@ def redis_endpoints(*urls: str) -> frozenset[tuple[str, int]]:
 
 def sweep_temp(temp_root: Path) -> list[str]:
     """Remove what processes that died without cleanup (SIGKILL, OOM) left: operation temp
-    areas ``<child pid>-...`` and stats directories ``stats-<main pid>``."""
+    areas ``<child pid>-...`` and stats directories ``stats-<main pid>``. An area named with
+    this process's own pid was left by an earlier process of the same pid (nothing of ours
+    exists yet); a stats directory of this pid is this worker's own, in use."""
     removed: list[str] = []
     try:
         names = os.listdir(temp_root)
@@ -58,8 +60,8 @@ def sweep_temp(temp_root: Path) -> list[str]:
         pid_text = name.removeprefix("stats-").split("-", 1)[0]
         if not pid_text.isdigit():
             continue
-        pid = int(pid_text)
-        if pid != os.getpid() and psutil.pid_exists(pid):
+        pid, stats = int(pid_text), name.startswith("stats-")
+        if (stats or pid != os.getpid()) and psutil.pid_exists(pid):
             continue
         shutil.rmtree(temp_root / name, ignore_errors=True)
         removed.append(name)
@@ -67,6 +69,29 @@ def sweep_temp(temp_root: Path) -> list[str]:
         log.warning("swept %d temp area(s) left by dead worker processes: %s",
                     len(removed), ", ".join(sorted(removed)))
     return removed
+
+
+class PoolEvents(logging.Filter):
+    """Counts the pool's time-driven events from psycopg_pool's own INFO records (it has no
+    counters for them) and keeps those records out of the log (one per checkout); its
+    warnings pass. Installed on the ``psycopg.pool`` logger of a worker process."""
+
+    EVENTS = (("discarding expired connection", "pool_connections_expired"),  # max_lifetime
+              ("shrinking pool", "pool_connections_idle_closed"),             # max_idle
+              ("adding new connection to the pool", "pool_connections_opened"))
+
+    def __init__(self, stats: metrics.ChildStats) -> None:
+        super().__init__("psycopg.pool")
+        self.stats = stats
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        message = str(record.msg)
+        for prefix, event in self.EVENTS:
+            if message.startswith(prefix):
+                self.stats.event(event)
+        return False
 
 
 class Runtime:
@@ -95,6 +120,11 @@ class Runtime:
         self._schema_ready = False
 
     def start(self) -> Runtime:
+        pool_log = logging.getLogger("psycopg.pool")
+        for old in [f for f in pool_log.filters if isinstance(f, PoolEvents)]:
+            pool_log.removeFilter(old)  # a child's copy of its parent's, after fork
+        pool_log.addFilter(PoolEvents(self.stats))
+        pool_log.setLevel(logging.INFO)  # the records must exist to be counted
         alerts.init(self.settings.sentry_dsn)
         self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
         sweep_temp(self.settings.temp_dir)
@@ -113,6 +143,7 @@ class Runtime:
 
     def _on_sample(self, sample: Sample) -> None:
         log_sample(sample)
+        self.stats.event("samples")
         self.publish()  # keeps the pool figures of an idle child fresh
 
     def publish(self, exit: str | None = None) -> None:
@@ -121,18 +152,9 @@ class Runtime:
         leaks = dict(self.sentinel.counts)
         if self.leaks.suspected:
             leaks["memory"] = self.leaks.suspected
-        self.stats.publish(self.stats.document(leaks=leaks, pool=pool,
-                                               returns_bad=pool["returns_bad"], exit=exit))
-
-    def after_operation(self) -> None:
-        """Return the operation's memory, watch the floor, say if this child will go."""
-        memory.release()
-        self.leaks.observe(memory.rss())
-        reason = memory.recycle_reason(self.settings.max_memory_per_child_mb * 2**20)
-        if reason is not None:
-            self.exit_reason = "memory"
-            log.warning("recycle pid=%d reason=%s: the child is replaced after this operation",
-                        os.getpid(), reason)
+        self.stats.publish(self.stats.document(
+            leaks=leaks, pool=pool, returns_bad=pool["returns_bad"], exit=exit,
+            events={"leak_windows_evaluated": self.leaks.evaluated}))
 
     def ensure_schema(self) -> None:
         """Apply migrations once per process (serialised across processes by a lock)."""
@@ -146,11 +168,6 @@ class Runtime:
         return ResourceManager(op_id, pool=self.db.pool, temp_root=self.settings.temp_dir,
                                pool_timeout=self.settings.pool_timeout)
 
-    def begin_run(self, job_id: str, task: str) -> ledger.Run:
-        self.ensure_schema()
-        with self.db.connection() as conn:
-            return ledger.start(conn, job_id=job_id, task=task, max_lost=self.settings.max_lost)
-
 
 def start(settings: Settings | None = None, *, child_of: int | None = None) -> Runtime:
     """Build and start this process's runtime (in a prefork child: after fork, with
@@ -158,7 +175,7 @@ def start(settings: Settings | None = None, *, child_of: int | None = None) -> R
     global _runtime
     with _lock:
         if _runtime is None:
-            settings = settings or Settings.from_env()
+            settings = settings or process_settings()
             directory = (metrics.stats_dir(settings.temp_dir, child_of)
                          if child_of is not None else None)
             _runtime = Runtime(settings, directory).start()

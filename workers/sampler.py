@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from workers import memory
+from workers.sentinel import PROC_READS
 
 log = logging.getLogger("repoindex.sampler")
 
@@ -36,9 +37,10 @@ class Sample:
 
 
 def collect(pool_stats: Callable[[], dict[str, int]]) -> Sample:
-    return Sample(ts=time.time(), pid=os.getpid(), rss=memory.rss(), uss=memory.uss(),
-                  fds=len(os.listdir("/proc/self/fd")), threads=threading.active_count(),
-                  pool=pool_stats())
+    with PROC_READS:  # the leak sentinel lists fds only between these reads
+        rss, uss, fds = memory.rss(), memory.uss(), len(os.listdir("/proc/self/fd"))
+    return Sample(ts=time.time(), pid=os.getpid(), rss=rss, uss=uss, fds=fds,
+                  threads=threading.active_count(), pool=pool_stats())
 
 
 class SamplerState(enum.Enum):

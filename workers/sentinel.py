@@ -26,10 +26,16 @@ from pathlib import Path
 
 import psutil
 
+from workers import kinds
+
 log = logging.getLogger("repoindex.leak")
 IGNORED_THREAD_PREFIXES = ("sentry-sdk",)  # Sentry starts its transport thread lazily
 IGNORED_FD_TARGETS = frozenset({"anon_inode:[eventpoll]"})  # kombu's pollers
 RECHECK_SECONDS = 0.05
+# Held by the sampler while it reads this process's /proc files, and by the sentinel while
+# it lists its fds: a sample's fds, open for a moment, are never taken for a leak (at a
+# compressed soak's 50 ms period the recheck alone met one: /proc/<pid>/smaps_rollup).
+PROC_READS = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Leak:
-    kind: str
+    kind: str  # a ``leak`` spelling of workers.kinds
     detail: str
 
 
@@ -94,7 +100,9 @@ class Sentinel:
     def snapshot(self) -> Snapshot:
         threads = frozenset((t.ident or 0, t.name) for t in threading.enumerate()
                             if not t.name.startswith(IGNORED_THREAD_PREFIXES))
-        return Snapshot(open_fds(), threads, child_pids(), temp_entries(self.temp_root),
+        with PROC_READS:
+            fds = open_fds()
+        return Snapshot(fds, threads, child_pids(), temp_entries(self.temp_root),
                         self.checked_out())
 
     def before(self, op_id: str) -> None:
@@ -111,14 +119,17 @@ class Sentinel:
             # Other threads of the process (the sampler reading /proc, the pool connecting
             # in the background) hold fds for a moment: only what is still there counts.
             time.sleep(RECHECK_SECONDS)
-            new_fds &= open_fds()
+            with PROC_READS:
+                new_fds &= open_fds()
         leaks = [*self._fd_leaks(new_fds)]
-        leaks += [Leak("thread", f"thread={name} ident={ident}")
+        leaks += [Leak(kinds.THREADS.leak, f"thread={name} ident={ident}")
                   for ident, name in sorted(end.threads - start.threads)]
-        leaks += [Leak("process", f"pid={pid}") for pid in sorted(end.children - start.children)]
-        leaks += [Leak("temp", f"path={self.temp_root / n}") for n in sorted(end.temp - start.temp)]
+        leaks += [Leak(kinds.PROCESSES.leak, f"pid={pid}")
+                  for pid in sorted(end.children - start.children)]
+        leaks += [Leak(kinds.TEMP.leak, f"path={self.temp_root / n}")
+                  for n in sorted(end.temp - start.temp)]
         if end.connections > start.connections:
-            leaks.append(Leak("connection",
+            leaks.append(Leak(kinds.CONNECTIONS.leak,
                               f"checked_out={end.connections} before={start.connections}"))
         for leak in leaks:
             self.counts[leak.kind] += 1
@@ -132,7 +143,7 @@ class Sentinel:
         exempt = self.exempt_sockets()
         sockets = [fd for fd, target in new if target.startswith("socket:")]
         remote = self._remote_endpoints(sockets) if sockets else {}
-        return [Leak("fd", f"fd={fd} target={target}") for fd, target in new
+        return [Leak(kinds.FILES.leak, f"fd={fd} target={target}") for fd, target in new
                 if target not in exempt and target not in IGNORED_FD_TARGETS
                 and remote.get(fd) not in self.endpoints]
 

@@ -12,7 +12,7 @@ import psutil
 import psycopg
 import redis
 
-from workers.launcher import WorkerProcess
+from devtools.launcher import WorkerProcess
 from workers.sentinel import open_fds
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from tasks.cli import main
+from cli import main
+from devtools.launcher import WorkerProcess
 from tests import gitrepo
-from workers.launcher import WorkerProcess
 
 
 def last_json(output: str) -> Any:
@@ -47,8 +47,9 @@ def test_enqueue_wait_status_repos_search(worker: WorkerProcess, cli_repo: Path)
     assert cli["files"] == 2 and cli["source"] == str(cli_repo) and len(cli["commit"]) == 40
     assert "cli\t2 files" in runner.invoke(main, ["repos"]).output
     found = last_json(runner.invoke(main, ["search", "needle-in-cli", "--json"]).output)
-    assert found == [{"repo": "cli", "path": "src/app.py", "line": 2,
-                      "text": "    return 'needle-in-cli'"}]
+    assert [{k: m[k] for k in ("repo", "path", "line", "text")} for m in found] == \
+        [{"repo": "cli", "path": "src/app.py", "line": 2, "text": "    return 'needle-in-cli'"}]
+    assert (found[0]["column"], found[0]["cut"]) == (13, False)  # fields added, none renamed
     plain = runner.invoke(main, ["search", "needle-in-.li", "--regex", "--repo", "cli"])
     assert plain.output.strip() == "cli:src/app.py:2:     return 'needle-in-cli'"
     bad = runner.invoke(main, ["search", "(", "--regex"])
@@ -69,20 +70,47 @@ def test_enqueue_failure_and_no_wait(worker: WorkerProcess) -> None:
 
 def test_status_of_unknown_job_and_ledger_fallback(worker: WorkerProcess, db: Any) -> None:
     runner = CliRunner()
-    unknown = last_json(runner.invoke(main, ["status", "no-such-job", "--json"]).output)
-    assert unknown == {"id": "no-such-job", "state": "PENDING"}
+    out = runner.invoke(main, ["status", "no-such-job", "--json"])
+    assert out.exit_code == 2  # neither backend, ledger nor queue knows it
+    assert last_json(out.output) == {"id": "no-such-job", "state": "UNKNOWN"}
+    assert "UNKNOWN: no such job" in runner.invoke(main, ["status", "no-such-job"]).output
     db.execute("INSERT INTO runs (job_id, task, attempt, state, error) VALUES"
                " ('expired-job', 'repoindex.index_repository', 1, 'failed', 'gone wrong')")
-    doc = last_json(runner.invoke(main, ["status", "expired-job", "--json"]).output)
-    assert doc == {"id": "expired-job", "state": "FAILURE", "ledger": "failed",
-                   "error": "gone wrong"}
+    out = runner.invoke(main, ["status", "expired-job", "--json"])
+    assert out.exit_code == 1  # a failed job: as `enqueue --wait` says it
+    assert last_json(out.output) == {"id": "expired-job", "state": "FAILURE", "ledger": "failed",
+                                     "error": "gone wrong"}
+
+
+def test_enqueue_wait_with_no_worker_says_so_and_stops_at_timeout(
+        session_env: dict[str, str], roots: Path) -> None:
+    """Redis database 3 of the suite's private server: no worker consumes its queue."""
+    env = {**os.environ, **session_env,
+           "REDIS_URL": session_env["REDIS_URL"].rsplit("/", 1)[0] + "/3"}
+    cli = [sys.executable, "-m", "cli"]
+    root = Path(__file__).parents[2]
+    done = subprocess.run([*cli, "enqueue", str(roots / "anything"), "--wait", "--timeout", "6"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 5, done.stderr
+    job_id = done.stdout.splitlines()[0]
+    assert len(job_id) == 36 and done.stdout.count(job_id) == 2  # first line: the id alone
+    assert "no worker is consuming queue 'celery' at redis://127.0.0.1:" in done.stderr
+    assert f"not finished after 6s (still PENDING); it stays queued: `repoindex status " \
+           f"{job_id}`" in done.stderr
+    later = subprocess.run([*cli, "status", job_id], env=env, capture_output=True, text=True,
+                           timeout=60, cwd=root)
+    assert (later.returncode, later.stdout.strip()) == \
+        (5, f"{job_id} PENDING: queued, no worker has taken it yet")
 
 
 def test_delete_and_migrate(worker: WorkerProcess, cli_repo: Path) -> None:
     runner = CliRunner()
     runner.invoke(main, ["enqueue", str(cli_repo), "--name", "to-delete", "--wait"])
-    doc = last_json(runner.invoke(main, ["delete", "to-delete", "--json"]).output)
-    assert doc["result"]["deleted"] is True
+    out = runner.invoke(main, ["delete", "to-delete", "--json"])
+    assert out.exit_code == 0 and last_json(out.output)["result"]["deleted"] is True
+    again = runner.invoke(main, ["delete", "to-delete"])
+    assert again.exit_code == 1
+    assert again.output.strip() == "repository 'to-delete' does not exist; nothing deleted"
     assert "schema is current" in runner.invoke(main, ["migrate"]).output
 
 
@@ -91,7 +119,7 @@ def test_demo_runs_end_to_end(session_env: dict[str, str], tmp_path: Path) -> No
     # Redis database 1: the demo's jobs must reach the demo's workers, not the shared one.
     redis_url = session_env["REDIS_URL"].rsplit("/", 1)[0] + "/1"
     env = {**os.environ, **session_env, "REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "cli", "demo", "--json"], env=env,
                          capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stderr[-3000:]

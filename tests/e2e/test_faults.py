@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from celery import Celery
 
+from devtools.devservices import RedisServer
 from tests import gitrepo
 from tests.conftest import start_worker
 from tests.e2e.support import (
@@ -24,7 +25,6 @@ from tests.e2e.support import (
     server_sessions,
     wait_until,
 )
-from workers.devservices import RedisServer
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_postgres_backends_terminated_mid_operation(celery_app: Any,
 
 def test_redis_unreachable_at_worker_start(tmp_path: Path) -> None:
     """The worker says it cannot connect and retries; once Redis is there it works."""
-    from workers.devservices import free_port
+    from devtools.devservices import free_port
 
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -115,9 +115,12 @@ def test_redis_unreachable_at_worker_start(tmp_path: Path) -> None:
         finally:
             client.close()
     finally:
-        assert worker.stop() == 0
-        if server is not None:
-            server.stop()
+        try:
+            code = worker.stop()
+        finally:
+            if server is not None:
+                server.stop()
+    assert code == 0, worker.log()[-4000:]
 
 
 def _with_login(url: str, login: str) -> str:
@@ -183,10 +186,52 @@ def test_connection_budget_exhausted(limited_role: str, db: psycopg.Connection[A
         assert worker.stop() == 0
 
 
+def test_pool_timeout_is_retried_until_a_connection_frees_up(
+        limited_role: str, db: psycopg.Connection[Any], celery_app: Any, roots: Path) -> None:
+    """An index job whose pool checkout times out (the child's one connection was
+    terminated and the role's whole budget is held elsewhere) is retried, and succeeds once
+    a connection frees up."""
+    url = _with_login(os.environ["DATABASE_URL"], limited_role)
+    repo = roots / "pool-retry"
+    gitrepo.generated(repo, files=30)
+    queue = f"pool-retry-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("pool-retry", concurrency=1, queue=queue,
+                          env={"DATABASE_URL": url, "REPOINDEX_DB_POOL_MIN": "1",
+                               "REPOINDEX_DB_POOL_MAX": "1", "REPOINDEX_DB_POOL_TIMEOUT": "2"})
+
+    def role_sessions() -> list[int]:
+        return [int(r[0]) for r in db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE usename = %s", (limited_role,))]
+
+    held: list[psycopg.Connection[Any]] = []
+    try:
+        wait_until(lambda: len(role_sessions()) == 1, 30, "the child's pool connected")
+        pool_pid = role_sessions()[0]
+        held.append(psycopg.connect(url))  # the budget (2) is full
+        db.execute("SELECT pg_terminate_backend(%s)", (pool_pid,))
+        wait_until(lambda: pool_pid not in role_sessions(), 30, "the pool's backend gone")
+        held.append(psycopg.connect(url))  # and full again: the pool cannot reconnect
+        job = celery_app.send_task("repoindex.index_repository", queue=queue,
+                                   kwargs={"source": str(repo), "name": "pool-retry"})
+        wait_until(lambda: f"{job.id}] retry: Retry in" in worker.log(), 60,
+                   "a retry after the pool timeout")
+        assert "no database connection within 2 s" in worker.log()
+        for conn in held:
+            conn.close()  # a connection frees up
+        result = job.get(timeout=120)
+        assert result["files"] == len(gitrepo.tracked(repo))
+        assert ledger_states(db, job.id)[-1] == "succeeded"
+        assert leak_lines(worker) == [], "\n".join(leak_lines(worker))
+    finally:
+        for conn in held:
+            conn.close()
+        assert worker.stop() == 0
+
+
 def test_postgres_restarted_mid_run(tmp_path: Path, celery_app: Any, roots: Path) -> None:
     """A throwaway server (never the user's) restarted under a running index: the operation
     is retried and succeeds, the pools reconnect, nothing is left behind."""
-    from workers.devservices import PostgresServer
+    from devtools.devservices import PostgresServer
 
     server = PostgresServer(tmp_path).start()
     repo = roots / "pg-restart"

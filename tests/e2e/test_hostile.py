@@ -18,6 +18,8 @@ import psycopg
 import pytest
 from kombu import Connection, Exchange, Producer
 
+from devtools.devservices import free_port
+from devtools.launcher import WorkerProcess
 from tasks.search import search
 from tests import gitrepo
 from tests.conftest import start_worker
@@ -34,8 +36,6 @@ from tests.e2e.support import (
     wait_until,
     warm_up,
 )
-from workers.devservices import free_port
-from workers.launcher import WorkerProcess
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ def test_temp_area_full(strict: WorkerProcess, celery_app: Any, roots: Path, tem
 def test_enqueue_with_redis_unreachable_says_so(session_env: dict[str, str]) -> None:
     env = {**os.environ, "REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"}
     env.pop("REPOINDEX_RESULT_BACKEND", None)
-    cli = [sys.executable, "-c", "from tasks.cli import main; main()"]
+    cli = [sys.executable, "-c", "from cli import main; main()"]
     done = subprocess.run([*cli, "enqueue", "/srv/repo"], capture_output=True, text=True,
                           env=env, timeout=120, check=False)
     assert done.returncode == 3, done.stderr

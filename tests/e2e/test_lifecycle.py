@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.launcher import WorkerProcess
 from tests.conftest import run, start_worker
 from tests.e2e.support import (
     assert_same,
@@ -26,7 +27,6 @@ from tests.e2e.support import (
     settle,
     warm_up,
 )
-from workers.launcher import WorkerProcess
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_volume_of_operations_ten_percent_failing_some_cancelled(
     through a fleet of two replicas x two children, 10 % failing at random points, the
     last 5 % cancelled (revoked) while queued: every child exactly at baseline, no leak,
     each job run exactly once, or never if its cancellation came first."""
-    from tasks.load import fleet
+    from bench.load import fleet
 
     queue = f"volume-{uuid.uuid4().hex[:6]}"
     with fleet(dict(os.environ), tmp_path, replicas=2, concurrency=2, queue=queue,

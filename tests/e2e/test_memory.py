@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from devtools.launcher import WorkerProcess
 from tests import gitrepo
 from tests.conftest import start_worker
 from tests.e2e.support import wait_until
-from workers.launcher import WorkerProcess
 from workers.memory import proc_status
 
 MIB = 1 << 20

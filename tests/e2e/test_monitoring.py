@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,13 +24,13 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.devservices import free_port
+from devtools.launcher import WorkerProcess
 from tests.conftest import start_worker
 from tests.e2e.support import send, wait_until
-from workers.devservices import free_port
-from workers.launcher import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-c", "from tasks.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli import main; main()"]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -88,6 +89,11 @@ def monitored(sink: Sink, probe_table: None) -> Iterator[tuple[WorkerProcess, in
         yield proc, port
     finally:
         assert proc.stop() == 0
+
+
+def child_pids(rows: dict[str, Any]) -> set[int]:
+    return {int(k.split()[2]) for k in rows
+            if k.startswith("repoindex child ") and k.endswith(" open files")}
 
 
 def worker_doc(docs: list[dict[str, Any]], worker: WorkerProcess) -> dict[str, Any]:
@@ -154,19 +160,20 @@ def test_a_leak_shows_in_metrics_stats_flower_sentry_and_fires_its_alert(
     assert value(after, "repoindex_operations_total", outcome="succeeded") \
         == value(before, "repoindex_operations_total", outcome="succeeded") + 1
 
-    # inspect stats (Celery's own command) carries the replica's resource state
+    # inspect stats (Celery's own command) carries the replica's figures as labelled rows
     node = worker.node
-    stats = celery_app.control.inspect(destination=[node], timeout=5).stats()
-    assert stats[node]["repoindex"]["totals"]["leaks"] == {"fd": 1}
-    children = stats[node]["repoindex"]["children"]
-    assert {c["pid"] for c in children} == set(worker.children())
-    assert all(c["fds"] > 0 and c["rss"] > c["uss"] > 0 and c["threads"] > 0 for c in children)
+    rows = celery_app.control.inspect(destination=[node], timeout=5).stats()[node]
+    assert rows["repoindex leaks"] == "fd 1"
+    assert child_pids(rows) == set(worker.children())
 
     # the custom remote-control command, through `repoindex stats --json` and the table
     done = subprocess.run([*CLI, "stats", "--json"], capture_output=True, text=True,
                           timeout=60, check=True)
     doc = worker_doc(json.loads(done.stdout.strip().splitlines()[-1]), worker)
     assert doc["totals"]["leaks"] == {"fd": 1}
+    children = doc["children"]
+    assert {c["pid"] for c in children} == set(worker.children())
+    assert all(c["fds"] > 0 and c["rss"] > c["uss"] > 0 and c["threads"] > 0 for c in children)
     table = subprocess.run([*CLI, "stats"], capture_output=True, text=True, timeout=60,
                            check=True, env={**os.environ, "COLUMNS": "250"}).stdout
     assert "fd=1" in table and str(children[0]["pid"]) in table
@@ -176,7 +183,7 @@ def test_a_leak_shows_in_metrics_stats_flower_sentry_and_fires_its_alert(
     assert flower_get(flower, "/api/workers", "ops:wrong")[0] == 401
     status, workers = flower_get(flower, "/api/workers?refresh=1", "ops:s3cret-flower")
     assert status == 200
-    assert workers[node]["stats"]["repoindex"]["totals"]["leaks"] == {"fd": 1}
+    assert workers[node]["stats"]["repoindex leaks"] == "fd 1"
 
     # Sentry: one warning event fingerprinted by kind, from the child
     wait_until(lambda: any(e.get("fingerprint") == ["repoindex-leak", "fd"]
@@ -218,15 +225,22 @@ def assert_alert_fires(tmp_path: Path, series: str, values: str, alert: str,
 
 
 def test_stats_watch_refreshes_until_interrupted(monitored: tuple[WorkerProcess, int]) -> None:
+    """Off a terminal: one whole, uncut table per refresh; Ctrl-C ends it with status 0."""
     worker, _ = monitored
     proc = subprocess.Popen([*CLI, "stats", "--watch", "0.3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "COLUMNS": "250"})
-    time.sleep(3)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    for line in proc.stdout:  # until two tables were written (the first one and a refresh)
+        seen.append(line)
+        if sum("worker children" in ln for ln in seen) == 2:
+            break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "worker children" in out and worker.name in out
+    text = "".join(seen) + out
+    assert text.count("worker children") >= 2
+    assert worker.name in text  # not cut at 80 columns: the whole node name is there
 
 
 def test_errors_and_a_dead_child_reach_sentry_from_child_and_main(
@@ -347,3 +361,78 @@ def test_metrics_listen_on_loopback_in_the_main_process_only(
     for pid in worker.children():
         assert not [c for c in psutil.Process(pid).net_connections("tcp")
                     if c.status == psutil.CONN_LISTEN]
+
+
+def browser_dom(url: str, tmp_path: Path) -> str:
+    """The page as headless chromium renders it (Debian's chromium; README's test command
+    installs it)."""
+    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                           f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def other_rows(dom: str) -> dict[str, str]:
+    """The name/value rows of the worker page's "Other statistics" table."""
+    import html
+    import re
+
+    table = dom.split("Other statistics", 1)[1].split("</table>", 1)[0]
+    cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+             for c in re.findall(r"<td[^>]*>(.*?)</td>", table, re.S)]
+    return dict(zip(cells[::2], cells[1::2], strict=True))
+
+
+def test_flower_worker_page_shows_labelled_fresh_figures_and_progress(
+        monitored: tuple[WorkerProcess, int], celery_app: Any, flower: int,
+        tmp_path: Path) -> None:
+    worker, _ = monitored
+    page = f"http://ops:s3cret-flower@127.0.0.1:{flower}/worker/{worker.node}"
+    first = other_rows(browser_dom(page, tmp_path))
+    pids = set(worker.children())
+    assert child_pids(first) == pids
+    for pid in pids:  # one labelled row per figure and child, in human units
+        label = f"repoindex child {pid}"
+        assert re.fullmatch(r"\d+ of \d+", first[f"{label} open files"])
+        assert re.fullmatch(r"RSS \d+\.\d MiB, USS \d+\.\d MiB", first[f"{label} memory"])
+        assert re.fullmatch(r"\d+ open, \d+ idle, max \d+, \d+ waiting",
+                            first[f"{label} database pool"])
+    assert re.fullmatch(r"\d+\.\d MiB|none", first["repoindex memory limit per child"])
+    ops = sum(int(first[f"repoindex child {pid} operations"]) for pid in pids)
+
+    # progress: the task's phase and done/total, shown by Flower while it runs
+    job = send(celery_app, worker, "probe.phases", names=["reading tree", "storing"], steps=20,
+               seconds=3.0)
+    seen: set[str] = set()
+
+    def progress_shown() -> bool:
+        status, info = flower_get(flower, f"/api/task/info/{job.id}", "ops:s3cret-flower")
+        if status == 200 and info.get("state") == "PROGRESS":
+            seen.add(str(info.get("result")).split(":")[0])
+        return seen == {"reading tree", "storing"}
+
+    wait_until(progress_shown, 60, "both phases shown in Flower")
+    assert job.get(timeout=60) == 2
+
+    # fresh on this very load: the operation just finished is counted
+    again = other_rows(browser_dom(page, tmp_path))
+    assert sum(int(again[f"repoindex child {pid} operations"]) for pid in pids) == ops + 1
+
+    # the login covers /metrics too; /healthcheck stays open for probes
+    assert flower_get_text(flower, "/metrics", None)[0] == 401
+    status, text = flower_get_text(flower, "/metrics", "ops:s3cret-flower")
+    assert status == 200 and "flower_events_total" in text
+    assert flower_get_text(flower, "/healthcheck", None) == (200, "OK")
+
+
+def flower_get_text(port: int, path: str, auth: str | None) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if auth is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code, ""

@@ -13,10 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.launcher import WorkerProcess
 from tests import gitrepo
 from tests.conftest import run
 from tests.e2e.support import files_of
-from workers.launcher import WorkerProcess
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import psutil
 import psycopg
 import pytest
 
+from devtools.launcher import WorkerProcess
 from tests import gitrepo
 from tests.conftest import start_worker
 from tests.e2e.support import (
@@ -24,7 +25,6 @@ from tests.e2e.support import (
     temp_areas,
     wait_until,
 )
-from workers.launcher import WorkerProcess
 
 
 def our_processes(worker_pids: list[int], roots: Path) -> list[int]:
@@ -212,7 +212,11 @@ def test_second_sigterm_stops_at_once_and_stays_safe(celery_app: Any,
     worker = start_worker("twice", concurrency=2, queue=queue)
     jobs = [celery_app.send_task("probe.everything", queue=queue,
                                  kwargs={"tag": f"twice{i}", "sleep": 4.0}) for i in range(2)]
-    wait_until(lambda: all(j.state == "STARTED" for j in jobs), 60, "operations started")
+    try:
+        wait_until(lambda: all(j.state == "STARTED" for j in jobs), 60, "operations started")
+    except AssertionError:
+        worker.stop()
+        raise
     time.sleep(0.5)
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.05)

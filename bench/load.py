@@ -15,10 +15,10 @@ from typing import Any
 import psutil
 import psycopg
 
+from devtools.launcher import WorkerProcess
 from tasks.store import GC_LOCK
-from workers.launcher import WorkerProcess
+from workers.client import fleet_stats
 from workers.metrics import WAIT_BUCKETS, quantile
-from workers.monitor import fleet_stats
 
 
 @contextlib.contextmanager

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workers import devservices
-from workers.launcher import WorkerProcess
+import click
+
+from cli.common import connect
+from cli.jobs import wait_for
+from workers.settings import Settings
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +39,9 @@ def sample_source(tmp: Path) -> Path:
 
 
 def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
-    from tasks import cli
+    # imported here: psycopg and redis would slow the start of every other command
+    from devtools import devservices
+    from devtools.launcher import WorkerProcess
 
     with tempfile.TemporaryDirectory(prefix="repoindex-demo-") as raw, \
             devservices.services("repoindex_demo") as ep:
@@ -45,6 +52,7 @@ def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
         env = {**os.environ, "REDIS_URL": ep.redis_url, "DATABASE_URL": ep.database_url,
                "REPOINDEX_ROOTS": str(source.parent), "REPOINDEX_TEMP_DIR": str(tmp / "work")}
         os.environ.update({k: env[k] for k in ("REDIS_URL", "DATABASE_URL")})
+        settings = Settings.from_env(env)
         workers = [WorkerProcess(env, name=f"demo{i}-{os.getpid()}", log_path=tmp / f"w{i}.log",
                                  concurrency=1) for i in range(2)]
         try:
@@ -57,15 +65,17 @@ def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
             job = app.send_task("repoindex.index_repository",
                                 kwargs={"source": str(source), "name": "demo"}).id
             echo(f"indexing {source} as job {job}")
-            doc = cli.wait_for(job, show=True, timeout=600)
+            doc = wait_for(job, settings, show=sys.stderr.isatty(), timeout=600)
             echo(f"state: {doc['state']} in {time.monotonic() - started:.1f}s")
             result = doc.get("result") or {}
             echo("summary: " + ", ".join(f"{k}={v}" for k, v in result.items()))
-            conn = cli._connection()
+            conn = connect(settings)
             with conn:
                 from tasks.search import search
 
-                matches = search(conn, "ResourceManager", repo="demo", limit=5)
+                # in code, not README quoting this very output
+                matches = search(conn, "ResourceManager", repo="demo", langs=["python"],
+                                 limit=5)
             for m in matches:
                 echo(f"  {m.repo}:{m.path}:{m.line}: {m.text.strip()[:100]}")
         finally:
@@ -76,3 +86,16 @@ def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
             echo("cleanup: " + cleanup[-1].split("cleanup ", 1)[1])
         return {"ok": doc["state"] == "SUCCESS" and bool(matches), "job": doc,
                 "matches": [m.as_dict() for m in matches], "exit_codes": codes}
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+def demo(as_json: bool) -> None:
+    """Start services and two workers, index this checkout, search, report, shut down."""
+    report = run_demo(echo=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    sys.exit(0 if report["ok"] else 1)
+
+
+COMMANDS = (demo,)

@@ -215,7 +215,9 @@ def services(database: str, *, private_redis: bool = False, drop: bool = False,
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="repoindex-svc-")))
         started: list[str] = []
         redis_server = None
-        redis_url = os.environ.get("REDIS_URL", "")
+        # private: a server of our own whatever REDIS_URL says (the tests never touch a
+        # Redis they did not start)
+        redis_url = "" if private_redis else os.environ.get("REDIS_URL", "")
         if not redis_url and not private_redis and redis_answers(LOCAL_REDIS):
             redis_url = LOCAL_REDIS
         if not redis_url:

@@ -1,0 +1,5 @@
+"""``python -m cli``: the ``repoindex`` console script."""
+
+from cli import main
+
+main()
