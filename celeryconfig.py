@@ -52,6 +52,10 @@ worker_concurrency = _settings.concurrency or None
 # grew past it is replaced between operations, never during one.
 worker_max_tasks_per_child = _settings.max_tasks_per_child or None
 worker_max_memory_per_child = _settings.max_memory_per_child_mb * 1024 or None
+# A new child that has not said it is up within this many seconds is SIGKILLed by Celery
+# (asynpool.verify_process_alive). The default, 4 s, is met on an idle host but not always
+# on a loaded one, where the kill shows up as a child that "died" and is replaced again.
+worker_proc_alive_timeout = 30.0
 worker_hijack_root_logger = False
 worker_send_task_events = True
 task_send_sent_event = True

@@ -15,6 +15,7 @@ evaluated as the operations go.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -83,10 +84,17 @@ def check_plotting() -> None:
 
 
 def _child_reading(pid: int) -> dict[str, int] | None:
+    """RSS, USS and open fds of a child; ``sockets`` counted apart, since a soak opens and
+    closes pool and Redis connections on purpose (expiry, idle close, server timeout)."""
     try:
         proc = psutil.Process(pid)
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        sockets = sum(link.startswith("socket:") for link in links)
         return {"rss": int(proc.memory_info().rss), "uss": int(proc.memory_full_info().uss),
-                "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+                "fds": len(links), "sockets": sockets, "files": len(links) - sockets}
     except (psutil.NoSuchProcess, FileNotFoundError):
         return None
 
@@ -151,7 +159,11 @@ class Run:
             rss = [float(r["rss"]) for _, _, r in warm]
             children[str(pid)] = {
                 "readings": len(points),
-                "fd_growth_after_warmup": warm[-1][2]["fds"] - warm[0][2]["fds"],
+                # fds other than sockets: files, pipes, eventfds (exact; any change is news)
+                "fd_growth_after_warmup": warm[-1][2]["files"] - warm[0][2]["files"],
+                # sockets: how far their count ranged (pool and Redis connections)
+                "socket_range": max(r["sockets"] for _, _, r in warm)
+                - min(r["sockets"] for _, _, r in warm),
                 "rss_slope_bytes_per_op": _slope(ops, rss),
                 "rss_slope_bytes_per_hour": _slope(hours, rss) / self.compress,
                 "max_rss_mib": max(r["rss"] for _, _, r in points) / 2**20,

@@ -189,7 +189,9 @@ def bench_soak_cmd(ops: int, duration: str | None, compress: float, rate: float,
             ("max PostgreSQL sessions", str(doc["max_server_connections"]))]
     rows += [(f"event: {name} ({EVENTS[name][0]})", str(n)) for name, n in doc["events"].items()]
     for pid, child in doc["children"].items():
-        rows += [(f"child {pid}: fd growth after warm-up", str(child["fd_growth_after_warmup"])),
+        rows += [(f"child {pid}: fd growth after warm-up (sockets apart)",
+                  str(child["fd_growth_after_warmup"])),
+                 (f"child {pid}: sockets open, max - min", str(child["socket_range"])),
                  (f"child {pid}: RSS slope", f"{child['rss_slope_bytes_per_op']:.1f} B/op, "
                   f"{child['rss_slope_bytes_per_hour'] / 1024:.1f} KiB/h"),
                  (f"child {pid}: max RSS", f"{child['max_rss_mib']:.1f} MiB")]

@@ -82,5 +82,8 @@ class WorkerProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # the caller's assertion fails on the exit code; the log says why it hung
+            print(f"worker {self.name} did not exit {timeout:g}s after SIGTERM; its log ends:\n"
+                  + self.log()[-4000:], file=sys.stderr)
             os.killpg(self.pid, signal.SIGKILL)
             return self.proc.wait()

@@ -285,7 +285,8 @@ def test_hundred_child_replacements_keep_every_count_and_no_stale_series(
         assert value(samples, "repoindex_operations_total", outcome="succeeded") == 100
         assert value(samples, "repoindex_operation_duration_seconds_count") == 100
         assert value(samples, "repoindex_cleanups_total", outcome="clean") == 100
-        assert value(samples, "repoindex_child_recycles_total", reason="died") == 0
+        assert value(samples, "repoindex_child_recycles_total", reason="died") == 0, \
+            worker.log()[-4000:]
         live = set(worker.children())
         assert pids_of(samples) == live
         files = list((temp_root / f"stats-{worker.pid}").iterdir())
