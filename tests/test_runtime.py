@@ -3,10 +3,13 @@ pool state, the launcher's error paths."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +56,57 @@ def test_ledger_marks_lost_attempts_and_gives_up(db: psycopg.Connection[Any]) ->
     max_lost such deaths it is failed, not run again."""
     migrate(db)
     job = f"lost-{os.getpid()}"
-    attempts = [ledger.start(db, job_id=job, task="t", max_lost=2) for _ in range(2)]
+    def dead(_: ledger.Attempt) -> bool:
+        return False
+
+    attempts = [ledger.start(db, job_id=job, task="t", max_lost=2, alive=dead)
+                for _ in range(2)]
     assert [a.attempt for a in attempts] == [1, 2]
     with pytest.raises(LimitExceeded, match=r"died during the operation.*2 times; not retried"):
-        ledger.start(db, job_id=job, task="t", max_lost=2)
+        ledger.start(db, job_id=job, task="t", max_lost=2, alive=dead)
     states = db.execute("SELECT state FROM runs WHERE job_id = %s ORDER BY id", (job,)).fetchall()
     assert [s[0] for s in states] == ["lost", "lost", "failed"]
+
+
+def test_ledger_waits_for_a_live_copy_and_takes_its_outcome(db: psycopg.Connection[Any]) -> None:
+    """A second copy of a job whose attempt is alive does not run: it waits, then returns
+    the first copy's result (succeeded) or raises its error (failed)."""
+    migrate(db)
+    for outcome in ("succeeded", "failed"):
+        job = f"copy-{outcome}-{os.getpid()}"
+        first = ledger.start(db, job_id=job, task="t", max_lost=3)
+        # this process is alive: by default (same host, pid alive) the attempt is live
+        assert ledger.same_host_alive(ledger.Attempt(
+            socket.gethostname(), os.getpid(), None, 0.0)) is True
+
+        def finish(job: str = job, outcome: str = outcome, run: ledger.Run = first) -> None:
+            time.sleep(0.6)
+            with psycopg.connect(db.info.dsn) as other:
+                ledger.finish(other, run, repository="r", result={"n": 1},
+                              error=None if outcome == "succeeded" else ValueError("boom"),
+                              cleanup=None)
+
+        thread = threading.Thread(target=finish)
+        thread.start()
+        began = time.monotonic()
+        try:
+            if outcome == "succeeded":
+                second = ledger.start(db, job_id=job, task="t", max_lost=3)
+                assert (second.attempt, second.completed) == (1, {"n": 1})
+            else:
+                with pytest.raises(ledger.AlreadyFailed, match="ValueError: boom"):
+                    ledger.start(db, job_id=job, task="t", max_lost=3)
+        finally:
+            thread.join()
+        assert time.monotonic() - began >= 0.5  # it waited for the first copy
+        rows = db.execute("SELECT state FROM runs WHERE job_id = %s", (job,)).fetchall()
+        assert rows == [(outcome,)]
+    # a pid that is not alive on this host is dead; another host's attempt is not ours to say
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert ledger.same_host_alive(ledger.Attempt(socket.gethostname(), gone.pid, None, 0)) \
+        is False
+    assert ledger.same_host_alive(ledger.Attempt("elsewhere", 1, "w@elsewhere", 0)) is None
 
 
 def test_sentinel_reports_every_kind(tmp_path: Path) -> None:
@@ -145,3 +193,30 @@ def test_ledger_hands_back_the_result_of_a_job_that_already_succeeded(
     assert (again.id, again.attempt, again.completed) == (first.id, 1, {"files": 7})
     states = db.execute("SELECT state FROM runs WHERE job_id = %s", (job,)).fetchall()
     assert states == [("succeeded",)]
+
+
+def test_an_attempt_elsewhere_is_alive_while_its_replica_lease_lists_it(
+        redis_server: Any) -> None:
+    from workers import recovery
+
+    url = os.environ["REDIS_URL"]
+    node = f"w-{os.getpid()}@elsewhere"
+    client = recovery.client_for(url)
+    try:
+        renewed = time.time()
+        client.set(recovery.lease_key(node), json.dumps({"pid": 1, "pids": [123],
+                                                          "at": renewed}), px=10_000)
+
+        def attempt(pid: int, started: float) -> ledger.Attempt:
+            return ledger.Attempt("elsewhere", pid, node, started)
+
+        assert recovery.attempt_alive(attempt(123, renewed - 5), url) is True
+        # a child too new to be listed yet: alive until the next renewal says otherwise
+        assert recovery.attempt_alive(attempt(999, renewed + 1), url) is True
+        # not listed by a renewal after it began: its process is gone
+        assert recovery.attempt_alive(attempt(999, renewed - 1), url) is False
+        client.delete(recovery.lease_key(node))
+        assert recovery.attempt_alive(attempt(123, renewed - 5), url) is False  # replica gone
+        assert recovery.attempt_alive(ledger.Attempt("elsewhere", 5, None, 0), url) is False
+    finally:
+        client.close()

@@ -1,19 +1,25 @@
 """The run ledger: one row per attempt of every operation, written outside its transaction.
 
 An attempt's row is inserted as ``running`` before the operation's scope opens and
-updated when it ends (``succeeded``, ``failed`` or ``interrupted`` by shutdown). A row
-still ``running`` when the same job is delivered again belonged to a process that died
-(SIGKILL, OOM): it is marked ``lost``, and a job lost ``max_lost`` times is failed.
+updated when it ends (``succeeded``, ``failed`` or ``interrupted`` by shutdown). When the
+same job is delivered again while a row is still ``running``, the row's process is asked
+after: on this host by its pid, elsewhere by its replica's lease (``workers.recovery``).
+A live one is waited for and its outcome is this delivery's too; a dead one (SIGKILL, OOM,
+a replica gone) is marked ``lost``, and a job lost ``max_lost`` times is failed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import psycopg
 from celery.exceptions import Retry
 
@@ -21,6 +27,7 @@ from workers.errors import LimitExceeded, RepoindexError
 from workers.resources import CleanupReport, outcome_of
 from workers.scrub import scrub
 
+log = logging.getLogger("repoindex.ledger")
 LOST_ERROR = "worker process died during the operation (SIGKILL or out of memory)"
 
 
@@ -34,58 +41,110 @@ class Run:
     completed: dict[str, Any] | None = None
 
 
-_START = """
-WITH already AS (
-    SELECT EXISTS (SELECT 1 FROM runs WHERE job_id = %(job)s AND state = 'succeeded') AS done
-), lost AS (
-    UPDATE runs SET state = 'lost', finished_at = now(), error = %(lost_error)s
-    WHERE job_id = %(job)s AND state = 'running' AND NOT (SELECT done FROM already)
-    RETURNING 1
-), prev AS (  -- the statement's snapshot: rows being marked lost above still look running
-    SELECT count(*) AS n, count(*) FILTER (WHERE state = 'lost') AS lost,
-           max(repository) AS repository
-    FROM runs WHERE job_id = %(job)s
-), decided AS (
-    SELECT n, lost + (SELECT count(*) FROM lost) AS lost, repository FROM prev
-)
-INSERT INTO runs (job_id, task, repository, attempt, worker, pid, state, error, finished_at)
-SELECT %(job)s, %(task)s, repository, n + 1, %(worker)s, %(pid)s,
-       CASE WHEN lost >= %(max_lost)s THEN 'failed' ELSE 'running' END,
-       CASE WHEN lost >= %(max_lost)s
-            THEN %(lost_error)s || ', ' || lost || ' times; not retried' END,
-       CASE WHEN lost >= %(max_lost)s THEN now() END
-FROM decided WHERE NOT (SELECT done FROM already)
-RETURNING id, attempt, error
-"""
-_DONE = ("SELECT id, attempt, counts FROM runs WHERE job_id = %s AND state = 'succeeded'"
-         " ORDER BY id LIMIT 1")
-
+JOB_LOCK = 0x6A6F6273  # "jobs": with hashtext(job id), serialises the starts of one job
+WAIT_SECONDS = 0.25    # how often a copy waiting for a live copy of its job looks again
 
 # Ledger rows are bookkeeping beside the operation's own (durable) transaction: their
 # commits need not wait for the WAL flush (an fsync, ~1-2 ms, twice per operation). A
 # server crash can lose the last few ms of ledger rows, never index data; a job whose
 # 'succeeded' row was lost and is redelivered re-runs as a no-op re-index.
 _ASYNC_COMMIT = "SELECT set_config('synchronous_commit', 'off', true)"
+_ROWS = ("SELECT id, attempt, state, worker, pid, node, extract(epoch FROM started_at),"
+         " counts, error, repository FROM runs WHERE job_id = %s ORDER BY id")
+_INSERT = ("INSERT INTO runs (job_id, task, repository, attempt, worker, pid, node, state,"
+           " error, finished_at) VALUES (%(job)s, %(task)s, %(repository)s, %(attempt)s,"
+           " %(worker)s, %(pid)s, %(node)s, %(state)s, %(error)s,"
+           " CASE WHEN %(state)s = 'running' THEN NULL ELSE now() END) RETURNING id")
 
 
-def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int) -> Run:
-    """Record a new attempt (one statement, one round trip); refuse a job that has killed
-    its worker ``max_lost`` times; hand back the result of one that already succeeded."""
-    with conn.pipeline():
-        conn.execute(_ASYNC_COMMIT)
-        cur = conn.execute(_START, {"job": job_id, "task": task, "worker": socket.gethostname(),
-                                    "pid": os.getpid(), "max_lost": max_lost,
-                                    "lost_error": LOST_ERROR})
+@dataclass(frozen=True)
+class Attempt:
+    """A ``running`` row, as the liveness check sees it."""
+
+    host: str | None
+    pid: int | None
+    node: str | None
+    started: float  # epoch seconds
+
+
+Liveness = Callable[[Attempt], bool | None]
+
+
+class AlreadyFailed(RepoindexError):
+    """A copy of this job ran at the same time and failed: its error is this job's."""
+
+
+def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int,
+          node: str = "", alive: Liveness | None = None) -> Run:
+    """Record a new attempt; hand back the result of one that already succeeded; refuse a
+    job that has killed its worker ``max_lost`` times.
+
+    Copies of one job (a redelivery, a job recovered from a replica judged gone) are
+    serialised by a transaction lock on the job id. A copy that finds a ``running`` attempt
+    asks ``alive`` about it: a live one is waited for, and its outcome becomes this copy's
+    (succeeded: its result; failed: its error); a dead one is marked ``lost``.
+    """
+    alive = alive or same_host_alive
+    while True:
+        with conn.pipeline():
+            conn.execute(_ASYNC_COMMIT)
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (JOB_LOCK, job_id))
+            cur = conn.execute(_ROWS, (job_id,))
+        rows = cur.fetchall()
+        done = next((r for r in rows if r[2] == "succeeded"), None)
+        if done is not None:  # rare: a redelivery after the operation committed
+            conn.commit()
+            return Run(int(done[0]), job_id, int(done[1]), completed=done[7] or {})
+        running = [r for r in rows if r[2] == "running"]
+        if any(alive(Attempt(r[3], r[4], r[5], float(r[6]))) for r in running):
+            conn.commit()  # releases the lock: the live copy may finish meanwhile
+            log.info("job %s is running in another live process: waiting for its outcome",
+                     job_id)
+            awaited = {int(r[0]) for r in running}
+            while True:
+                time.sleep(WAIT_SECONDS)
+                ended = conn.execute("SELECT state, error FROM runs WHERE id = ANY(%s) AND"
+                                     " state <> 'running'", (list(awaited),)).fetchall()
+                conn.commit()
+                if ended or not _still_alive(conn, awaited, alive):
+                    break
+            if any(e[0] == "failed" for e in ended):
+                raise AlreadyFailed(next(e[1] for e in ended if e[0] == "failed")
+                                    or "failed")
+            continue  # decide again: it succeeded (its result), or was lost/interrupted
+        if running:
+            conn.execute("UPDATE runs SET state = 'lost', finished_at = now(), error = %s"
+                         " WHERE id = ANY(%s)", (LOST_ERROR, [int(r[0]) for r in running]))
+        lost = sum(r[2] == "lost" for r in rows) + len(running)
+        failing = lost >= max_lost
+        error = f"{LOST_ERROR}, {lost} times; not retried" if failing else None
+        row = conn.execute(_INSERT, {
+            "job": job_id, "task": task, "attempt": len(rows) + 1,
+            "repository": max((r[9] for r in rows if r[9]), default=None),
+            "worker": socket.gethostname(), "pid": os.getpid(), "node": node or None,
+            "state": "failed" if failing else "running", "error": error}).fetchone()
         conn.commit()
-    row = cur.fetchone()
-    if row is None:  # nothing inserted: an earlier attempt succeeded (rare: a redelivery)
-        done = conn.execute(_DONE, (job_id,)).fetchone()
-        conn.commit()
-        assert done is not None
-        return Run(int(done[0]), job_id, int(done[1]), completed=done[2] or {})
-    if row[2] is not None:
-        raise LimitExceeded(row[2])
-    return Run(int(row[0]), job_id, int(row[1]))
+        assert row is not None
+        if failing:
+            raise LimitExceeded(error or "")
+        return Run(int(row[0]), job_id, len(rows) + 1)
+
+
+def _still_alive(conn: psycopg.Connection[Any], ids: set[int], alive: Liveness) -> bool:
+    rows = conn.execute("SELECT worker, pid, node, extract(epoch FROM started_at) FROM runs"
+                        " WHERE id = ANY(%s) AND state = 'running'", (list(ids),)).fetchall()
+    conn.commit()
+    return any(alive(Attempt(r[0], r[1], r[2], float(r[3]))) for r in rows)
+
+
+def same_host_alive(attempt: Attempt) -> bool | None:
+    """On this host: is the attempt's process alive? None when it ran on another host."""
+    if attempt.host != socket.gethostname() or attempt.pid is None:
+        return None
+    try:
+        return psutil.Process(attempt.pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
@@ -95,13 +154,17 @@ def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
     counts = result if isinstance(result, dict) else None
     with conn.pipeline():  # one round trip, synced by the commit
         conn.execute(_ASYNC_COMMIT)
-        conn.execute(
+        cur = conn.execute(
             "UPDATE runs SET state = %s, finished_at = now(),"
             " repository = coalesce(%s, repository), counts = %s, error = %s, cleanup = %s"
-            " WHERE id = %s",
+            " WHERE id = %s AND state = 'running'",
             (state, repository or None, json.dumps(counts) if counts is not None else None,
              error_text(error), json.dumps(cleanup.as_dict()) if cleanup else None, run.id))
         conn.commit()
+    if cur.rowcount == 0:
+        log.warning("attempt %d of %s was judged lost while it ran (its replica's lease"
+                    " lapsed); its outcome %s is not recorded over the ledger's", run.attempt,
+                    run.job_id, state)
 
 
 def state_of(error: BaseException | None) -> str:

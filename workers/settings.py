@@ -78,6 +78,11 @@ class Settings:
         "REPOINDEX_VISIBILITY_TIMEOUT", 3600, minimum=1,
         meaning="Seconds before Redis redelivers a job taken by a worker that vanished "
                 "(SIGKILL).")
+    replica_lease: float = var(
+        "REPOINDEX_REPLICA_LEASE", 20.0, shown="20",
+        meaning="Seconds a replica stays alive in Redis without renewing its lease (renewed"
+                " every quarter of it). A replica without one is gone: a survivor returns"
+                " its jobs to the queue within 1.25 x this. 0: no orphan recovery.")
     max_lost: int = var(
         "REPOINDEX_MAX_LOST", 3, minimum=1,
         meaning="A job whose worker process died this many times is failed instead of run "

@@ -47,7 +47,8 @@ class OperationTask(Task[Any, Any]):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         job_id = self.request.id or f"local-{uuid.uuid4()}"
         with logs.bound(job=job_id):
-            op = base.Operation(self.name, job_id, runtime.current())
+            op = base.Operation(self.name, job_id, runtime.current(),
+                                node=self.request.hostname or "")
             return base.run(STEPS, op, lambda: self.run(*args, **kwargs), self.failed)
 
     def failed(self, error: Exception) -> BaseException:

@@ -32,6 +32,7 @@ class Operation:
     task: str
     job_id: str
     runtime: Runtime
+    node: str = ""  # the Celery node (name@host) running it
     run: Run | None = None
     scope: ResourceManager | None = None
     result: Any = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from workers import ledger
+from workers import ledger, recovery
 from workers.steps.base import Operation, Step
 
 log = logging.getLogger("repoindex.task")
@@ -18,8 +18,9 @@ class LedgerRow(Step):
         rt = op.runtime
         rt.ensure_schema()
         with rt.db.connection() as conn:
-            op.run = ledger.start(conn, job_id=op.job_id, task=op.task,
-                                  max_lost=rt.settings.max_lost)
+            op.run = ledger.start(
+                conn, job_id=op.job_id, task=op.task, max_lost=rt.settings.max_lost,
+                node=op.node, alive=lambda a: recovery.attempt_alive(a, rt.settings.redis_url))
         if op.run.completed is not None:
             log.info("duplicate delivery of %s ignored: attempt %d already succeeded",
                      op.job_id, op.run.attempt)
