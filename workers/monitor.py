@@ -20,7 +20,7 @@ import psutil
 from celery import bootsteps
 from celery.worker.control import inspect_command
 
-from workers import alerts, metrics, metrics_export, runtime
+from workers import alerts, metrics, metrics_export, runtime, shutdown
 from workers.settings import Settings, process_settings
 
 log = logging.getLogger("repoindex.monitor")
@@ -55,6 +55,7 @@ class Monitor(bootsteps.StartStopStep):
         worker.repoindex_monitor = self
 
     def start(self, worker: Any) -> None:
+        shutdown.guard_startup(worker)
         settings = process_settings()
         runtime.sweep_temp(settings.temp_dir)
         me = psutil.Process()

@@ -249,3 +249,33 @@ def test_worker_without_remap_sigterm_warns() -> None:
         wait_until(lambda: "REMAP_SIGTERM is not SIGQUIT" in worker.log(), 30, "the warning")
     finally:
         assert worker.stop() == 0
+
+
+def test_sigterm_during_start_up_exits_cleanly(roots: Path) -> None:
+    """SIGTERM while the consumer starts (mingle searching for neighbours): exit 0, no
+    CRITICAL, no child left, as any other SIGTERM."""
+    import subprocess
+    import sys
+
+    from tests.conftest import SESSION
+
+    for n in range(3):
+        log_path = Path(SESSION["tmp"]) / f"startup-{uuid.uuid4().hex[:6]}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", "worker", "-c", "1", "-n",
+                 f"startup{n}-{uuid.uuid4().hex[:4]}@%h", "-Q", f"startup-{n}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=Path(__file__).resolve().parents[2])
+        try:
+            wait_until(lambda: "mingle: searching" in log_path.read_text(), 60, "mingle")
+            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        text = log_path.read_text()
+        assert "CRITICAL" not in text and "did_start_ok" not in text, text[-3000:]
+        assert our_processes(children, roots) == []
