@@ -114,6 +114,33 @@ def bench_shutdown_cmd(runs: int, op_seconds: float, grace: float, json_out: str
     write_json(json_out, doc)
 
 
+@bench.command("failover")
+@click.option("--runs", default=5, show_default=True)
+@click.option("--lease", default=20.0, show_default=True,
+              help="REPOINDEX_REPLICA_LEASE of our replicas.")
+@click.option("--stock-visibility", default=60, show_default=True,
+              help="The visibility timeout of the stock run (Celery's default is 3600 s).")
+@click.option("--op-seconds", default=5.0, show_default=True)
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_failover_cmd(runs: int, lease: float, stock_visibility: int, op_seconds: float,
+                       json_out: str | None) -> None:
+    """SIGKILL of a replica to its job running on another: ours vs stock Celery settings."""
+    from bench.common import write_json
+    from bench.failover import bench_failover
+
+    doc = bench_failover(runs, lease, stock_visibility, op_seconds, click.echo)
+    click.echo("| settings | SIGKILL to running elsewhere, median | max | not run again |")
+    click.echo("|---|---|---|---|")
+    labels = {"ours": f"ours (lease {lease:g} s)",
+              "stock": f"stock (visibility timeout {stock_visibility} s)"}
+    for mode, row in doc["summary"].items():
+        def sec(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1f} s"
+        click.echo(f"| {labels[mode]} | {sec(row['median_s'])} | {sec(row['max_s'])} |"
+                   f" {row['not_rerun']} |")
+    write_json(json_out, doc)
+
+
 @bench.command("all")
 @click.option("--json-out", default="bench-all.json", show_default=True,
               help="Where the figures go (JSON).")
