@@ -268,7 +268,7 @@ def test_sigterm_during_start_up_exits_cleanly(roots: Path) -> None:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 cwd=Path(__file__).resolve().parents[2])
         try:
-            wait_until(lambda: "mingle: searching" in log_path.read_text(), 60, "mingle")
+            wait_until(lambda p=log_path: "mingle: searching" in p.read_text(), 60, "mingle")
             children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
             os.kill(proc.pid, signal.SIGTERM)
             assert proc.wait(30) == 0, log_path.read_text()[-3000:]
