@@ -100,9 +100,10 @@ class RedisServer:
     """A private redis-server on a free loopback port; ``restart()`` keeps the port."""
 
     def __init__(self, directory: Path, port: int | None = None, *,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, fsync: str = "always") -> None:
         self.directory = directory
-        self.persistent = persistent  # append-only file, fsync always: survives restarts
+        self.persistent = persistent  # append-only file: survives restarts
+        self.fsync = fsync  # appendfsync: always, or everysec as docker-compose.yml ships
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -111,7 +112,7 @@ class RedisServer:
         self._proc = subprocess.Popen(
             [find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "yes" if self.persistent else "no",
-             "--appendfsync", "always", "--dir", str(self.directory)],
+             "--appendfsync", self.fsync, "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
         return self
@@ -125,6 +126,13 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a host crash would: no shutdown save."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            self._proc = None
 
 
 class PostgresServer:

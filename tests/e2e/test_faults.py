@@ -59,6 +59,64 @@ def test_redis_restarted_mid_run(persistent_redis: RedisServer) -> None:
         assert worker.stop() == 0
 
 
+def _shipped_fsync() -> str:
+    """The appendfsync that docker-compose.yml and the k8s example run Redis with (the two
+    must agree; the test below kills a server running it)."""
+    root = Path(__file__).resolve().parents[2]
+    found = set()
+    for path in (root / "docker-compose.yml", root / "ops/k8s/deployment.yaml"):
+        text = path.read_text()
+        assert '"--appendonly", "yes"' in text, path
+        found.add(text.split('"--appendfsync", "', 1)[1].split('"', 1)[0])
+    assert len(found) == 1, found
+    return found.pop()
+
+
+@pytest.fixture
+def shipped_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, persistent=True, fsync=_shipped_fsync()).start()
+    yield server  # stopped after the test's results are gone (they unsubscribe on delete)
+    server.stop()
+
+
+def test_redis_sigkilled_with_the_shipped_persistence_loses_no_job(
+        shipped_redis: RedisServer, db: psycopg.Connection[Any]) -> None:
+    """Redis as shipped (AOF, fsync every second) SIGKILLed with jobs queued and in flight,
+    then started again on its file: every job completes, exactly once."""
+    server = shipped_redis
+    url = server.url
+    queue = f"redis-kill-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("redis-kill", concurrency=2, queue=queue,
+                          env={"REDIS_URL": url, "REPOINDEX_VISIBILITY_TIMEOUT": "5"})
+    # no result backend here: outcomes are read from the ledger, and no result object is
+    # left subscribed to a server this test kills
+    client = Celery(broker=url)
+
+    def succeeded() -> int:
+        row = db.execute("SELECT count(DISTINCT job_id) FROM runs WHERE job_id = ANY(%s)"
+                         " AND state = 'succeeded'", (ids,)).fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        ids = [client.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 1.0}).id
+               for _ in range(8)]
+        wait_until(lambda: succeeded() >= 2, 60, "2 jobs done")
+        time.sleep(1.5)  # everysec: what was written a second ago is on disk
+        server.kill()
+        server.start()
+        wait_until(lambda: succeeded() == 8, 180, "all 8 jobs succeeded")
+        rows = db.execute("SELECT job_id, count(*) FROM runs WHERE job_id = ANY(%s) AND"
+                          " state = 'succeeded' GROUP BY job_id", (ids,)).fetchall()
+        assert sorted(n for _, n in rows) == [1] * 8
+        assert db.execute("SELECT count(*) FROM canary WHERE job_id = ANY(%s)",
+                          (ids,)).fetchone() == (8,)
+        assert worker.proc is not None and worker.proc.poll() is None
+        assert leak_lines(worker) == [], "\n".join(leak_lines(worker))
+    finally:
+        client.close()
+        assert worker.stop() == 0
+
+
 def test_postgres_backends_terminated_mid_operation(celery_app: Any,
                                                     db: psycopg.Connection[Any],
                                                     roots: Path) -> None:
