@@ -44,7 +44,14 @@ result_expires = _settings.result_expires
 # (a worker that vanished without returning it). Longer than the longest operation.
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,
+    # a half-open connection (a partition) fails within REPOINDEX_NET_TIMEOUT, not ~2 h
+    "socket_timeout": _settings.net_timeout,
+    "socket_connect_timeout": min(_settings.net_timeout, 10),
+    "socket_keepalive": True,
 }
+redis_socket_timeout = _settings.net_timeout
+redis_socket_connect_timeout = min(_settings.net_timeout, 10)
+redis_socket_keepalive = True
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
 worker_concurrency = _settings.concurrency or None

@@ -220,3 +220,23 @@ def test_an_attempt_elsewhere_is_alive_while_its_replica_lease_lists_it(
         assert recovery.attempt_alive(ledger.Attempt("elsewhere", 5, None, 0), url) is False
     finally:
         client.close()
+
+
+def test_sessions_fail_fast_on_a_half_open_link(db: psycopg.Connection[Any]) -> None:
+    """Both ends of our PostgreSQL sessions give up on a dead peer after the net timeout:
+    the server's keepalives and tcp_user_timeout (set per session), libpq's on the client."""
+    from workers import db as workers_db
+
+    settings = Settings.from_env({"DATABASE_URL": db.info.dsn, "REPOINDEX_NET_TIMEOUT": "30"})
+    with workers_db.connect(settings) as conn:
+        shown = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                 for name in ("tcp_keepalives_idle", "tcp_keepalives_interval",
+                              "tcp_keepalives_count", "tcp_user_timeout")}
+        app_name = conn.execute("SHOW application_name").fetchone()
+        assert conn.info.host  # over TCP, where keepalives apply
+    # 15 s idle + 3 probes 5 s apart = the 30 s net timeout (milliseconds for the last)
+    assert shown == {"tcp_keepalives_idle": "15", "tcp_keepalives_interval": "5",
+                     "tcp_keepalives_count": "3", "tcp_user_timeout": "30000"}, shown
+    assert app_name == ("repoindex",)
+    kwargs = workers_db.connection_kwargs(settings)
+    assert (kwargs["keepalives"], kwargs["tcp_user_timeout"]) == (1, 30_000)

@@ -51,9 +51,31 @@ def transient(error: BaseException) -> bool:
 
 
 def session_options(settings: Settings) -> str:
-    """libpq ``options`` giving our sessions a server-side idle-in-transaction backstop."""
+    """libpq ``options`` giving our sessions a server-side idle-in-transaction backstop,
+    and server-side keepalives: a session whose client is cut off ends within about
+    ``REPOINDEX_NET_TIMEOUT`` seconds instead of holding its locks for hours."""
+    idle, interval, count = _keepalive(settings)
     return (f"-c idle_in_transaction_session_timeout={settings.idle_tx_timeout_ms} "
+            f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} "
+            f"-c tcp_keepalives_count={count} "
+            f"-c tcp_user_timeout={settings.net_timeout * 1000} "
             "-c application_name=repoindex")
+
+
+def _keepalive(settings: Settings) -> tuple[int, int, int]:
+    """(idle, interval, count) seconds of TCP keepalive summing to the net timeout."""
+    interval = max(1, settings.net_timeout // 6)
+    return settings.net_timeout - 3 * interval, interval, 3
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """libpq parameters of every connection of ours: session options, and client-side
+    keepalives and ``tcp_user_timeout`` (a half-open link fails in seconds, not hours)."""
+    idle, interval, count = _keepalive(settings)
+    return {"options": session_options(settings), "keepalives": 1,
+            "keepalives_idle": idle, "keepalives_interval": interval,
+            "keepalives_count": count, "tcp_user_timeout": settings.net_timeout * 1000,
+            "connect_timeout": min(settings.net_timeout, 10)}
 
 
 class _Connection(psycopg.Connection[Any]):
@@ -127,7 +149,7 @@ class Database:
             max_idle=settings.pool_max_idle,
             open=False,
             name=name,
-            kwargs={"options": session_options(settings)},
+            kwargs=connection_kwargs(settings),
             configure=self._configure,
             check=ConnectionPool.check_connection,
         )
@@ -183,7 +205,7 @@ class Database:
 
 def connect(settings: Settings, **kw: Any) -> psycopg.Connection[Any]:
     """A plain connection (CLI, migrations), with the same session options as the pool."""
-    return psycopg.connect(settings.database_url, options=session_options(settings), **kw)
+    return psycopg.connect(settings.database_url, **{**connection_kwargs(settings), **kw})
 
 
 def migrate(conn: psycopg.Connection[Any], directory: Path = MIGRATIONS) -> list[str]:

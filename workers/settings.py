@@ -78,6 +78,11 @@ class Settings:
         "REPOINDEX_VISIBILITY_TIMEOUT", 3600, minimum=1,
         meaning="Seconds before Redis redelivers a job taken by a worker that vanished "
                 "(SIGKILL).")
+    net_timeout: int = var(
+        "REPOINDEX_NET_TIMEOUT", 30, minimum=5,
+        meaning="Seconds without an answer after which a TCP connection to PostgreSQL or"
+                " Redis is dead (keepalives, tcp_user_timeout, socket timeouts; both ends"
+                " for PostgreSQL), instead of the kernel's ~2 h on a half-open link.")
     replica_lease: float = var(
         "REPOINDEX_REPLICA_LEASE", 20.0, shown="20",
         meaning="Seconds a replica stays alive in Redis without renewing its lease (renewed"
