@@ -49,8 +49,8 @@ def stats_table(docs: list[dict[str, Any]]) -> Any:
                 "pool size/avail/max", "waiting"):
         children.add_column(col, justify="left" if col == "worker" else "right")
     outcomes = Table(title="per replica", title_justify="left")
-    for col in ("worker", "succeeded", "failed", "retried", "interrupted", "cleanups failed",
-                "leaks", "recycles"):
+    for col in ("worker", "succeeded", "failed", "retried", "interrupted", "revoked",
+                "cleanups failed", "leaks", "recycles"):
         outcomes.add_column(col, justify="left" if col == "worker" else "right")
     for doc in docs:
         for c in doc["children"]:
@@ -69,7 +69,8 @@ def stats_table(docs: list[dict[str, Any]]) -> Any:
             return " ".join(f"{k}={v}" for k, v in sorted(d.items())) or "0"
 
         outcomes.add_row(doc["worker"], *(str(by_outcome.get(k, 0)) for k in
-                                          ("succeeded", "failed", "retried", "interrupted")),
+                                          ("succeeded", "failed", "retried", "interrupted",
+                                           "revoked")),
                          str(totals["cleanups"].get("failed", 0)), kv(totals["leaks"]),
                          kv(totals["recycles"]))
     return Group(children, outcomes)

@@ -49,3 +49,13 @@ class TransientError(RepoindexError):
 
 class PoolTimeout(TransientError, ResourceError):
     """No pooled database connection within REPOINDEX_DB_POOL_TIMEOUT."""
+
+
+class Revoked(BaseException):
+    """Raised in a worker child when its running operation is revoked with terminate=True:
+    a BaseException, so that no ``except Exception`` in the operation swallows it; the
+    scope rolls back and cleans up as it does for shutdown's SystemExit."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"revoked while it ran (revoke terminate=True); rolled back: {job_id}")
+        self.job_id = job_id

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals
 
-from workers import logs, monitor, runtime, shutdown
+from workers import logs, monitor, revoke, runtime, shutdown
 from workers.settings import process_settings
 
 log = logging.getLogger("repoindex.hooks")
@@ -26,7 +26,8 @@ def on_process_init(**_: Any) -> None:
     # Runs in each prefork child after fork; must return within worker_proc_alive_timeout,
     # hence the pool opens with wait=False.
     monitor.close_inherited()
-    runtime.start(child_of=os.getppid())
+    rt = runtime.start(child_of=os.getppid())
+    revoke.install(rt.settings.temp_dir)
 
 
 def on_process_shutdown(**_: Any) -> None:
@@ -50,6 +51,7 @@ _RECEIVERS = (
     (signals.worker_process_shutdown, on_process_shutdown),
     (signals.worker_shutdown, on_worker_shutdown),
     (signals.worker_ready, on_worker_ready),
+    (signals.task_revoked, revoke.on_task_revoked),
 )
 
 

@@ -23,7 +23,7 @@ import psutil
 import psycopg
 from celery.exceptions import Retry
 
-from workers.errors import LimitExceeded, RepoindexError
+from workers.errors import LimitExceeded, RepoindexError, Revoked
 from workers.resources import CleanupReport, outcome_of
 from workers.scrub import scrub
 
@@ -178,6 +178,8 @@ def error_text(error: BaseException | None) -> str | None:
         return None
     if isinstance(error, SystemExit | KeyboardInterrupt):
         return "interrupted by worker shutdown; the job was returned to the queue"
+    if isinstance(error, Revoked):
+        return "revoked while it ran (revoke terminate=True); rolled back"
     if isinstance(error, Retry):
         cause = error.exc if isinstance(error.exc, BaseException) else None
         return scrub(f"retrying after: {error_text(cause) or error}")[:1000]

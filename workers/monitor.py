@@ -143,7 +143,7 @@ def labelled_rows(doc: dict[str, Any]) -> dict[str, str]:
         "repoindex memory limit per child": _mib(doc["memory_limit"]) if doc["memory_limit"]
         else "none",
         "repoindex operations": _counts(by_outcome, ("succeeded", "failed", "retried",
-                                                       "interrupted")),
+                                                       "interrupted", "revoked")),
         "repoindex operation time (mean)": f"{spent / count:.2f} s over {count} operations"
         if count else "no operations yet",
         "repoindex cleanups": _counts(Counter(totals["cleanups"]), metrics.CLEANUP_OUTCOMES),

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from workers.errors import ResourceError
+from workers.errors import ResourceError, Revoked
 from workers.kinds import SCOPE_KINDS, State
 from workers.processes import has_open_pipes, reap
 
@@ -83,6 +83,8 @@ def outcome_of(error: BaseException | None) -> str:
         return "succeeded"
     if isinstance(error, SystemExit | KeyboardInterrupt):
         return "interrupted"
+    if isinstance(error, Revoked):
+        return "revoked"
     return "failed"
 
 

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
 
-from workers import logs, runtime
-from workers.errors import RepoindexError
+from workers import logs, revoke, runtime
+from workers.errors import RepoindexError, Revoked
 from workers.steps import alerts, base, ledger, memory, publish, scope, sentinel, stats
 
 log = logging.getLogger("repoindex.task")
@@ -49,7 +50,12 @@ class OperationTask(Task[Any, Any]):
         with logs.bound(job=job_id):
             op = base.Operation(self.name, job_id, runtime.current(),
                                 node=self.request.hostname or "")
-            return base.run(STEPS, op, lambda: self.run(*args, **kwargs), self.failed)
+            body = revoke.guarded(job_id, lambda: self.run(*args, **kwargs))
+            try:
+                return base.run(STEPS, op, body, self.failed)
+            except Revoked:
+                # Celery has stored REVOKED and acknowledged the message: store nothing
+                raise Ignore() from None
 
     def failed(self, error: Exception) -> BaseException:
         """What the lifecycle records for ``error`` (``RetryingOperation``: a retry)."""

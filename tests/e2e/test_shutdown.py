@@ -279,3 +279,46 @@ def test_sigterm_during_start_up_exits_cleanly(roots: Path) -> None:
         text = log_path.read_text()
         assert "CRITICAL" not in text and "did_start_ok" not in text, text[-3000:]
         assert our_processes(children, roots) == []
+
+
+@pytest.mark.parametrize("form", ["SIGTERM", "SIGKILL"])
+def test_revoke_terminate_stops_a_running_operation(
+        form: str, celery_app: Any, db: psycopg.Connection[Any], roots: Path,
+        temp_root: Path) -> None:
+    """revoke(terminate=True) with Celery's default signal and with SIGKILL: the running
+    operation stops, nothing it wrote is committed, its ledger row ends `revoked`, the
+    caller sees REVOKED, its resources are released, and the worker goes on."""
+    from workers.db import migrate
+
+    migrate(db)  # the ledger is read before the worker's first operation would apply it
+    queue = f"revoke-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("revoke", concurrency=1, queue=queue)
+    try:
+        job = celery_app.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 60})
+        wait_until(lambda: ledger_states(db, job.id) == ["running"], 60, "the canary running")
+        child = worker.children()[0]
+        time.sleep(0.5)  # inside its transaction, holding its temp file and git process
+        started = time.monotonic()
+        celery_app.control.revoke(job.id, terminate=True, signal=form)
+        try:
+            wait_until(lambda: ledger_states(db, job.id) == ["revoked"], 30, "the row revoked")
+        except AssertionError:
+            raise AssertionError(f"{ledger_states(db, job.id)}\n{worker.log()[-3000:]}") from None
+        print(f"revoke {form}: row revoked after {time.monotonic() - started:.2f}s")
+        wait_until(lambda: job.state == "REVOKED", 30, "REVOKED for the caller")
+        time.sleep(1.0)  # a commit that was still coming would have landed by now
+        assert job.state == "REVOKED"
+        assert ledger_states(db, job.id) == ["revoked"]
+        assert db.execute("SELECT count(*) FROM canary WHERE job_id = %s",
+                          (job.id,)).fetchone() == (0,)
+        wait_until(lambda: not [n for pid, n in temp_areas(temp_root) if pid == child], 30,
+                   "its temp area removed")
+        assert our_processes([], roots) == []
+        if form == "SIGTERM":  # stopped cooperatively: the same child goes on
+            assert worker.children() == [child]
+        after = celery_app.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 0})
+        assert after.get(timeout=60)["job"] == after.id
+        assert server_sessions(db) == []
+        assert queue_length(queue) == 0
+    finally:
+        assert worker.stop() == 0
