@@ -93,8 +93,14 @@ def _child_reading(pid: int) -> dict[str, int] | None:
             with contextlib.suppress(FileNotFoundError):
                 links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         sockets = sum(link.startswith("socket:") for link in links)
+        kinds: dict[str, int] = {}
+        for link in links:
+            kind = link.split(":", 1)[0] if ":" in link and not link.startswith("/") \
+                else "path"
+            kinds[kind] = kinds.get(kind, 0) + 1
         return {"rss": int(proc.memory_info().rss), "uss": int(proc.memory_full_info().uss),
-                "fds": len(links), "sockets": sockets, "files": len(links) - sockets}
+                "fds": len(links), "sockets": sockets, "files": len(links) - sockets,
+                **{f"fd_{k}": n for k, n in kinds.items()}}
     except (psutil.NoSuchProcess, FileNotFoundError):
         return None
 
@@ -161,6 +167,10 @@ class Run:
                 "readings": len(points),
                 # fds other than sockets: files, pipes, eventfds (exact; any change is news)
                 "fd_growth_after_warmup": warm[-1][2]["files"] - warm[0][2]["files"],
+                # by kind (pipe, anon_inode, path, ...), first and last reading after warm-up
+                "fd_kinds": {k[3:]: [warm[0][2].get(k, 0), warm[-1][2].get(k, 0)]
+                             for k in sorted({*warm[0][2], *warm[-1][2]})
+                             if k.startswith("fd_")},
                 # sockets: how far their count ranged (pool and Redis connections)
                 "socket_range": max(r["sockets"] for _, _, r in warm)
                 - min(r["sockets"] for _, _, r in warm),
