@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals
 
-from workers import logs, monitor, revoke, runtime, shutdown
+from workers import logs, monitor, recovery, revoke, runtime, shutdown
 from workers.settings import process_settings
 
 log = logging.getLogger("repoindex.hooks")
@@ -52,6 +52,7 @@ _RECEIVERS = (
     (signals.worker_shutdown, on_worker_shutdown),
     (signals.worker_ready, on_worker_ready),
     (signals.task_revoked, revoke.on_task_revoked),
+    (signals.task_received, recovery.on_task_received),
 )
 
 

@@ -189,6 +189,7 @@ class Recovery(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and by each job received
         self.lease: Lease | None = None
 
     def start(self, parent: Any) -> None:
@@ -205,24 +206,32 @@ class Recovery(bootsteps.StartStopStep):
         self.lease = Lease(client_for(settings.redis_url), consumer.hostname,
                            settings.replica_lease, lambda: _delivered_tags(consumer), restore)
         self._stop.clear()
+        consumer.repoindex_recovery = self  # for on_task_received
         self._thread = threading.Thread(target=self._loop, name="repoindex-lease", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         assert self.lease is not None
         period = self.lease.seconds / 4
-        while True:
+        while not self._stop.is_set():
+            self._wake.clear()
             try:
                 self.lease.tick()
             except redis.RedisError as exc:
                 log.warning("lease: Redis unreachable (%s); retrying in %gs", exc, period)
             except Exception:  # pragma: no cover - the thread must live on
                 log.exception("lease: renewal failed")
-            if self._stop.wait(period):
-                return
+            self._wake.wait(period)
+
+    def received(self) -> None:
+        """A job was taken: write the held tags now, not at the next renewal (a replica
+        that dies a moment after taking a job must not hide it until the visibility
+        timeout). Called on the consumer's thread; the write happens on the lease's."""
+        self._wake.set()
 
     def stop(self, parent: Any) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
@@ -236,3 +245,10 @@ class Recovery(bootsteps.StartStopStep):
                 log.warning("lease: could not release (%s); it expires by itself", exc)
             self.lease.client.close()
             self.lease = None
+
+
+def on_task_received(sender: Any = None, **_: Any) -> None:
+    """Celery's ``task_received`` (main process, sender: the consumer)."""
+    step = getattr(sender, "repoindex_recovery", None)
+    if step is not None:
+        step.received()
