@@ -10,6 +10,7 @@ a replica gone) is marked ``lost``, and a job lost ``max_lost`` times is failed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import psutil
 import psycopg
 from celery.exceptions import Retry
 
-from workers.errors import LimitExceeded, RepoindexError, Revoked
+from workers.errors import BadInput, LimitExceeded, RepoindexError, Revoked
 from workers.resources import CleanupReport, outcome_of
 from workers.scrub import scrub
 
@@ -50,10 +51,10 @@ WAIT_SECONDS = 0.25    # how often a copy waiting for a live copy of its job loo
 # 'succeeded' row was lost and is redelivered re-runs as a no-op re-index.
 _ASYNC_COMMIT = "SELECT set_config('synchronous_commit', 'off', true)"
 _ROWS = ("SELECT id, attempt, state, worker, pid, node, extract(epoch FROM started_at),"
-         " counts, error, repository FROM runs WHERE job_id = %s ORDER BY id")
+         " counts, error, repository, args_hash FROM runs WHERE job_id = %s ORDER BY id")
 _INSERT = ("INSERT INTO runs (job_id, task, repository, attempt, worker, pid, node, state,"
-           " error, finished_at) VALUES (%(job)s, %(task)s, %(repository)s, %(attempt)s,"
-           " %(worker)s, %(pid)s, %(node)s, %(state)s, %(error)s,"
+           " error, args_hash, finished_at) VALUES (%(job)s, %(task)s, %(repository)s,"
+           " %(attempt)s, %(worker)s, %(pid)s, %(node)s, %(state)s, %(error)s, %(args)s,"
            " CASE WHEN %(state)s = 'running' THEN NULL ELSE now() END) RETURNING id")
 
 
@@ -74,8 +75,14 @@ class AlreadyFailed(RepoindexError):
     """A copy of this job ran at the same time and failed: its error is this job's."""
 
 
+def args_hash(task: str, args: Any, kwargs: Any) -> str:
+    """What makes two sends of one job id the same job: task name and arguments."""
+    doc = json.dumps([task, list(args), kwargs], sort_keys=True, default=repr)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
 def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int,
-          node: str = "", alive: Liveness | None = None) -> Run:
+          node: str = "", alive: Liveness | None = None, args: str | None = None) -> Run:
     """Record a new attempt; hand back the result of one that already succeeded; refuse a
     job that has killed its worker ``max_lost`` times.
 
@@ -91,6 +98,16 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (JOB_LOCK, job_id))
             cur = conn.execute(_ROWS, (job_id,))
         rows = cur.fetchall()
+        earlier = next((r[10] for r in rows if r[10]), None)
+        if args and earlier and earlier != args:
+            refused = (f"job id {job_id} was already used with different arguments; the"
+                       " earlier job is kept: send this one with a new id")
+            conn.execute(_INSERT, {
+                "job": job_id, "task": task, "attempt": len(rows) + 1, "repository": None,
+                "worker": socket.gethostname(), "pid": os.getpid(), "node": node or None,
+                "state": "failed", "error": refused, "args": args})
+            conn.commit()
+            raise BadInput(refused)
         done = next((r for r in rows if r[2] == "succeeded"), None)
         if done is not None:  # rare: a redelivery after the operation committed
             conn.commit()
@@ -122,7 +139,8 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
             "job": job_id, "task": task, "attempt": len(rows) + 1,
             "repository": max((r[9] for r in rows if r[9]), default=None),
             "worker": socket.gethostname(), "pid": os.getpid(), "node": node or None,
-            "state": "failed" if failing else "running", "error": error}).fetchone()
+            "state": "failed" if failing else "running", "error": error,
+            "args": args}).fetchone()
         conn.commit()
         assert row is not None
         if failing:

@@ -18,6 +18,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
+from workers import ledger as ledger_rows
 from workers import logs, revoke, runtime
 from workers.errors import RepoindexError, Revoked
 from workers.steps import alerts, base, ledger, memory, publish, scope, sentinel, stats
@@ -49,7 +50,8 @@ class OperationTask(Task[Any, Any]):
         job_id = self.request.id or f"local-{uuid.uuid4()}"
         with logs.bound(job=job_id):
             op = base.Operation(self.name, job_id, runtime.current(),
-                                node=self.request.hostname or "")
+                                node=self.request.hostname or "",
+                                args_hash=ledger_rows.args_hash(self.name, args, kwargs))
             body = revoke.guarded(job_id, lambda: self.run(*args, **kwargs))
             try:
                 return base.run(STEPS, op, body, self.failed)

@@ -3,6 +3,7 @@ that is slow but alive keeps its jobs; copies of one job that meet give one outc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -21,6 +22,11 @@ LEASE = "3"  # seconds: the test's bound is 1.25 x this plus a survivor's pick-u
 
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(os.environ["REDIS_URL"])
+
+
+def _unacked(client: redis.Redis, queue: str) -> int:
+    """Messages of ``queue`` taken by a worker and not yet acknowledged (kombu's hash)."""
+    return sum(json.loads(v)[2] == queue for v in client.hvals("unacked"))
 
 
 def _in_progress(db: psycopg.Connection[Any], job_ids: list[str]) -> int:
@@ -53,6 +59,9 @@ def test_replica_sigkilled_with_jobs_in_flight_and_prefetched(
         doomed.proc.wait()
         try:
             results = [j.get(timeout=120) for j in jobs]
+            # a result is stored just before its message is acknowledged: a stop in between
+            # would (rightly) put the message back
+            wait_until(lambda: _unacked(client, queue) == 0, 30, "every job acknowledged")
         finally:
             assert survivor.stop() == 0
         assert [r["job"] for r in results] == ids
@@ -71,7 +80,8 @@ def test_replica_sigkilled_with_jobs_in_flight_and_prefetched(
         # nothing of the dead replica is left in Redis: no unacked copy, no lease, no set
         assert not client.exists(recovery.held_key(doomed.node), recovery.lease_key(doomed.node))
         assert not client.sismember(recovery.REPLICAS, doomed.node)
-        assert queue_length(queue) == 0
+        left = [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)]
+        assert left == [], (left, ids, survivor.log()[-3000:])
     finally:
         client.close()
         doomed.stop()
@@ -135,3 +145,30 @@ def test_copies_of_a_job_sent_at_the_same_moment_give_one_outcome(
     finally:
         for r in replicas:
             assert r.stop() == 0
+
+
+def test_a_job_id_is_an_idempotency_key(celery_app: Any, db: psycopg.Connection[Any]) -> None:
+    """The same id with the same arguments returns the earlier result without running again;
+    with other arguments it is refused, and the earlier job's ledger rows are kept."""
+    queue = f"idem-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("idem", concurrency=1, queue=queue)
+    try:
+        job_id = str(uuid.uuid4())
+        first = celery_app.send_task("repoindex.canary", queue=queue, task_id=job_id,
+                                     kwargs={"seconds": 0.1}).get(timeout=60)
+        again = celery_app.send_task("repoindex.canary", queue=queue, task_id=job_id,
+                                     kwargs={"seconds": 0.1}).get(timeout=60)
+        assert again == first
+        celery_app.send_task("repoindex.canary", queue=queue, task_id=job_id,
+                                     kwargs={"seconds": 2})
+        wait_until(lambda: ledger_states(db, job_id) == ["succeeded", "failed"], 60,
+                   "the reused id refused")
+        error = db.execute("SELECT error FROM runs WHERE job_id = %s AND state = 'failed'",
+                           (job_id,)).fetchone()
+        assert error == (f"job id {job_id} was already used with different arguments; the"
+                         " earlier job is kept: send this one with a new id",)
+        assert "already used with different arguments" in worker.log()
+        # Celery never writes over a SUCCESS: the id keeps answering the earlier result
+        assert celery_app.backend.get_task_meta(job_id, cache=False)["result"] == first
+    finally:
+        assert worker.stop() == 0

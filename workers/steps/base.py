@@ -33,6 +33,7 @@ class Operation:
     job_id: str
     runtime: Runtime
     node: str = ""  # the Celery node (name@host) running it
+    args_hash: str | None = None  # ledger.args_hash of its task and arguments
     run: Run | None = None
     scope: ResourceManager | None = None
     result: Any = None

@@ -20,7 +20,8 @@ class LedgerRow(Step):
         with rt.db.connection() as conn:
             op.run = ledger.start(
                 conn, job_id=op.job_id, task=op.task, max_lost=rt.settings.max_lost,
-                node=op.node, alive=lambda a: recovery.attempt_alive(a, rt.settings.redis_url))
+                node=op.node, args=op.args_hash,
+                alive=lambda a: recovery.attempt_alive(a, rt.settings.redis_url))
         if op.run.completed is not None:
             log.info("duplicate delivery of %s ignored: attempt %d already succeeded",
                      op.job_id, op.run.attempt)
