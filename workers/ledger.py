@@ -57,6 +57,11 @@ _INSERT = ("INSERT INTO runs (job_id, task, repository, attempt, worker, pid, no
            " %(attempt)s, %(worker)s, %(pid)s, %(node)s, %(state)s, %(error)s, %(args)s,"
            " CASE WHEN %(state)s = 'running' THEN NULL ELSE now() END) RETURNING id")
 
+_INSERT_FIRST = ("INSERT INTO runs (job_id, task, attempt, worker, pid, node, state, args_hash)"
+                 " SELECT %(job)s, %(task)s, 1, %(worker)s, %(pid)s, %(node)s, 'running',"
+                 " %(args)s WHERE NOT EXISTS (SELECT 1 FROM runs WHERE job_id = %(job)s)"
+                 " RETURNING id")
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -92,6 +97,18 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
     (succeeded: its result; failed: its error); a dead one is marked ``lost``.
     """
     alive = alive or same_host_alive
+    fast = {"job": job_id, "task": task, "worker": socket.gethostname(), "pid": os.getpid(),
+           "node": node or None, "args": args}
+    # The first delivery of a job, by far the common case: one round trip (the insert
+    # happens only when the job has no row yet, under the job's lock).
+    with conn.pipeline():
+        conn.execute(_ASYNC_COMMIT)
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (JOB_LOCK, job_id))
+        first = conn.execute(_INSERT_FIRST, fast)
+        conn.commit()
+    inserted = first.fetchone()
+    if inserted is not None:
+        return Run(int(inserted[0]), job_id, 1)
     while True:
         with conn.pipeline():
             conn.execute(_ASYNC_COMMIT)
