@@ -61,7 +61,9 @@ def bench_search_cmd(source: str, copies: int, runs: int, json_out: str | None) 
         ("in-process / git grep, rare literals (median)", f"{s['ours_over_git_rare']:.2f}"),
         ("in-process / git grep, all patterns (median)", f"{s['ours_over_git_all']:.2f}"),
         ("CLI / git grep, all patterns (median)", f"{s['cli_over_git_all']:.2f}"),
-        ("in-process / rg, literals (median)", f"{s['ours_over_rg_literals']:.2f}"),
+        ("in-process / rg, literals (median)", "- (rg is not installed)"
+         if s["ours_over_rg_literals"] != s["ours_over_rg_literals"]  # NaN: no rg runs
+         else f"{s['ours_over_rg_literals']:.2f}"),
         (f"growth 1x -> {copies}x, rare literals (median)", f"{s['growth_rare']:.2f}"),
         (f"growth 1x -> {copies}x, all patterns (median)", f"{s['growth_all']:.2f}"),
         ("trigram index / blobs (with TOAST)",
