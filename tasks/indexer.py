@@ -23,14 +23,18 @@ from workers.resources import ResourceManager
 from workers.scrub import scrub
 from workers.settings import Settings
 
-Progress = Callable[[int, int], None]
+Progress = Callable[..., None]  # (done, total, phase)
 # A btree index entry holds at most ~2,700 bytes (files' and tree's primary keys): a
 # longer path is refused by name before anything is written, not by the server mid-COPY
 MAX_PATH_BYTES = 2048
 
 
-def _no_progress(done: int, total: int) -> None:
+def _no_progress(done: int, total: int, phase: str = "") -> None:
     return None
+
+
+# The phases of an index operation, in order, each reported with its own done/total.
+PHASES = ("reading tree", "reading blobs", "storing", "commit", "indexing")
 
 
 def tree_rows(entries: Iterator[TreeEntry], *, max_files: int, max_bytes: int
@@ -76,12 +80,15 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
         store.lock_repository(conn, args.name)
         store.lock_blobs(conn, exclusive=False)
         repo_id = store.upsert_repository(conn, args.name, scrub(args.source.text), args.ref)
-        store.load_tree(conn, tree_rows(git.ls_tree(commit), max_files=settings.max_files,
-                                        max_bytes=settings.max_file_bytes))
+        progress(0, 0, "reading tree")  # the total is known once the tree has been read
+        entries = store.load_tree(conn, tree_rows(git.ls_tree(commit),
+                                                  max_files=settings.max_files,
+                                                  max_bytes=settings.max_file_bytes))
+        progress(entries, entries, "reading tree")
         wanted = store.to_read(conn, repo_id)
         kinds, read = dict(wanted), len(wanted)
         read_bytes = 0
-        progress(0, len(wanted))
+        progress(0, len(wanted), "reading blobs")
         with store.blob_sink(conn) as sink:
             blobs = git.read_blobs((s for s, _ in wanted),
                                    max_bytes=max(settings.max_file_bytes, SYMLINK_MAX))
@@ -91,12 +98,19 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
                     sink.link(sha, decode_path(data))
                 else:
                     sink.blob(sha, len(data), classify(data))
-                progress(done, len(wanted))
+                progress(done, len(wanted), "reading blobs")
+        progress(0, entries, "storing")
         counts = store.apply(conn, repo_id, commit, job_id)
-    if counts["indexed"] or counts["removed"]:
-        store.keep_statistics(conn, counts["indexed"] + counts["removed"] + read)
+        progress(entries, entries, "storing")
+        progress(0, 1, "commit")
+    progress(1, 1, "commit")
+    changed = counts["indexed"] + counts["removed"]
+    progress(0, changed, "indexing")  # planner statistics and the trigram index's backlog
+    if changed:
+        store.keep_statistics(conn, changed + read)
     if read:
         store.flush_search_index(conn)
+    progress(changed, changed, "indexing")
     rm.release(conn)
     del wanted, kinds  # the per-run lists go now; the lifecycle collects and trims after
     return {"repository": args.name, "commit": commit, **counts, "read": read,

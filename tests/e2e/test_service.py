@@ -60,6 +60,14 @@ def test_index_generated_repository(worker: WorkerProcess, celery_app: Any,
     ledger = db.execute("SELECT state, counts->>'files', cleanup->>'outcome' FROM runs"
                         " WHERE job_id = %s", (res.id,)).fetchall()
     assert ledger == [("succeeded", str(len(expected)), "succeeded")]
+    # every phase reported, in order, each with its own done/total (README "Enqueueing")
+    from tasks.indexer import PHASES
+
+    lines = [ln.split("phase: ", 1)[1] for ln in worker.log().splitlines()
+             if f"job={res.id}" in ln and "phase: " in ln]
+    assert [ln.split(" (", 1)[0] for ln in lines] == list(PHASES), lines
+    assert lines[0].startswith("reading tree (0/0)")
+    assert lines[2].startswith(f"storing (0/{len(expected)})")
 
 
 def test_reindex_reads_only_changed_blobs(worker: WorkerProcess, celery_app: Any,
