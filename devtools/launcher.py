@@ -80,7 +80,11 @@ class WorkerProcess:
             return self.proc.returncode if self.proc else 0
         os.kill(self.pid, signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            if code != 0:  # the caller's assertion fails on it; the log says why
+                print(f"worker {self.name} exited {code} after SIGTERM; its log ends:\n"
+                      + self.log()[-4000:], file=sys.stderr)
+            return code
         except subprocess.TimeoutExpired:
             # the caller's assertion fails on the exit code; the log says why it hung
             print(f"worker {self.name} did not exit {timeout:g}s after SIGTERM; its log ends:\n"
