@@ -31,13 +31,12 @@ def test_compressed_day_lives_through_every_time_driven_event(tmp_path: Path) ->
             "leak_windows_evaluated"} <= expected
     assert {e: doc["events"][e] for e in expected if doc["events"][e] < 1} == {}
     assert (doc["leak_warnings"], doc["suspected_memory_leaks"], doc["temp_left"]) == (0, 0, 0)
-    # No child's fds (sockets apart) grew after warm-up. A count that shrank by one was
-    # seen once in CI (not reproduced since; most likely a fd inherited at fork and closed
-    # later, e.g. billiard's pipe to a replaced sibling): a leak only ever grows, and
-    # fd_kinds now says which kind moved.
+    # No child's fds (sockets apart) changed after warm-up. Two CI runs saw -1 and +1 (a
+    # `path` fd): a reading that caught the child's stats file open while its sampler
+    # rewrote it; the soak leaves that file out, as the lifecycle tests do.
     grown = {pid: (c["fd_growth_after_warmup"], c["fd_kinds"])
              for pid, c in doc["children"].items()
-             if c["readings"] >= 5 and c["fd_growth_after_warmup"] > 0}
+             if c["readings"] >= 5 and c["fd_growth_after_warmup"] != 0}
     assert grown == {}
     # pool connections (at most 2) and the result backend's Redis connection come and go;
     # the count moves within that range and does not grow
