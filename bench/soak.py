@@ -29,6 +29,7 @@ import psutil
 
 from bench.common import make_repo, workspace
 from devtools.launcher import WorkerProcess
+from workers.metrics import is_stats_file
 
 ROTATION = ("reindex", "change", "reindex", "delete", "reindex", "fail", "canary", "change",
             "reindex", "reindex")
@@ -94,7 +95,7 @@ def _child_reading(pid: int) -> dict[str, int] | None:
                 links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         # the child's stats file is rewritten (atomically, ~0.1 ms) after each operation and
         # each sample, which a compressed soak takes often: a reading may catch it open
-        links = [link for link in links if "/stats-" not in link]
+        links = [link for link in links if not is_stats_file(link)]
         sockets = sum(link.startswith("socket:") for link in links)
         kinds: dict[str, int] = {}
         for link in links:

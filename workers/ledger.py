@@ -51,7 +51,7 @@ WAIT_SECONDS = 0.25    # how often a copy waiting for a live copy of its job loo
 # 'succeeded' row was lost and is redelivered re-runs as a no-op re-index.
 _ASYNC_COMMIT = "SELECT set_config('synchronous_commit', 'off', true)"
 _ROWS = ("SELECT id, attempt, state, worker, pid, node, extract(epoch FROM started_at),"
-         " counts, error, repository, args_hash FROM runs WHERE job_id = %s ORDER BY id")
+         " counts, NULL, repository, args_hash FROM runs WHERE job_id = %s ORDER BY id")
 _INSERT = ("INSERT INTO runs (job_id, task, repository, attempt, worker, pid, node, state,"
            " error, args_hash, finished_at) VALUES (%(job)s, %(task)s, %(repository)s,"
            " %(attempt)s, %(worker)s, %(pid)s, %(node)s, %(state)s, %(error)s, %(args)s,"
@@ -119,10 +119,8 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
         if args and earlier and earlier != args:
             refused = (f"job id {job_id} was already used with different arguments; the"
                        " earlier job is kept: send this one with a new id")
-            conn.execute(_INSERT, {
-                "job": job_id, "task": task, "attempt": len(rows) + 1, "repository": None,
-                "worker": socket.gethostname(), "pid": os.getpid(), "node": node or None,
-                "state": "failed", "error": refused, "args": args})
+            conn.execute(_INSERT, {**fast, "attempt": len(rows) + 1, "repository": None,
+                                   "state": "failed", "error": refused})
             conn.commit()
             raise BadInput(refused)
         done = next((r for r in rows if r[2] == "succeeded"), None)
@@ -134,17 +132,9 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
             conn.commit()  # releases the lock: the live copy may finish meanwhile
             log.info("job %s is running in another live process: waiting for its outcome",
                      job_id)
-            awaited = {int(r[0]) for r in running}
-            while True:
-                time.sleep(WAIT_SECONDS)
-                ended = conn.execute("SELECT state, error FROM runs WHERE id = ANY(%s) AND"
-                                     " state <> 'running'", (list(awaited),)).fetchall()
-                conn.commit()
-                if ended or not _still_alive(conn, awaited, alive):
-                    break
-            if any(e[0] == "failed" for e in ended):
-                raise AlreadyFailed(next(e[1] for e in ended if e[0] == "failed")
-                                    or "failed")
+            failed = _wait(conn, [int(r[0]) for r in running], alive)
+            if failed is not None:
+                raise AlreadyFailed(failed)
             continue  # decide again: it succeeded (its result), or was lost/interrupted
         if running:
             conn.execute("UPDATE runs SET state = 'lost', finished_at = now(), error = %s"
@@ -153,11 +143,9 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
         failing = lost >= max_lost
         error = f"{LOST_ERROR}, {lost} times; not retried" if failing else None
         row = conn.execute(_INSERT, {
-            "job": job_id, "task": task, "attempt": len(rows) + 1,
+            **fast, "attempt": len(rows) + 1,
             "repository": max((r[9] for r in rows if r[9]), default=None),
-            "worker": socket.gethostname(), "pid": os.getpid(), "node": node or None,
-            "state": "failed" if failing else "running", "error": error,
-            "args": args}).fetchone()
+            "state": "failed" if failing else "running", "error": error}).fetchone()
         conn.commit()
         assert row is not None
         if failing:
@@ -165,11 +153,21 @@ def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: in
         return Run(int(row[0]), job_id, len(rows) + 1)
 
 
-def _still_alive(conn: psycopg.Connection[Any], ids: set[int], alive: Liveness) -> bool:
-    rows = conn.execute("SELECT worker, pid, node, extract(epoch FROM started_at) FROM runs"
-                        " WHERE id = ANY(%s) AND state = 'running'", (list(ids),)).fetchall()
-    conn.commit()
-    return any(alive(Attempt(r[0], r[1], r[2], float(r[3]))) for r in rows)
+def _wait(conn: psycopg.Connection[Any], ids: list[int], alive: Liveness) -> str | None:
+    """Wait until none of the attempts ``ids`` is both running and alive; return the error
+    of one that failed, if any."""
+    while True:
+        time.sleep(WAIT_SECONDS)
+        rows = conn.execute("SELECT state, error, worker, pid, node,"
+                            " extract(epoch FROM started_at) FROM runs WHERE id = ANY(%s)",
+                            (ids,)).fetchall()
+        conn.commit()
+        failed = [r[1] or "failed" for r in rows if r[0] == "failed"]
+        if failed:
+            return failed[0]
+        if not any(r[0] == "running" and alive(Attempt(r[2], r[3], r[4], float(r[5])))
+                   for r in rows):
+            return None
 
 
 def same_host_alive(attempt: Attempt) -> bool | None:

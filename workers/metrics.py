@@ -45,6 +45,12 @@ def stats_dir(temp_dir: Path, main_pid: int) -> Path:
     return temp_dir / f"stats-{main_pid}"
 
 
+def is_stats_file(path: str) -> bool:
+    """A child's stats file (or its temp copy), which a child holds open for ~0.1 ms after
+    each operation and sample: not a resource of any operation, for fd counts to skip."""
+    return "/stats-" in path
+
+
 # -- counters, in a child and summed in the main process ----------------------------------
 @dataclass
 class Histogram:

@@ -63,17 +63,6 @@ def client_for(url: str) -> redis.Redis:
                                 socket_keepalive=True, health_check_interval=30)
 
 
-def lease_pids(client: redis.Redis, node: str) -> set[int] | None:
-    """The live children a replica's lease lists, or None when it has no lease (gone)."""
-    raw = client.get(lease_key(node))
-    if raw is None:
-        return None
-    try:
-        return {int(p) for p in json.loads(raw)["pids"]}
-    except (ValueError, KeyError, TypeError):
-        return set()
-
-
 _child_client: tuple[int, redis.Redis] | None = None  # (pid, client) of a worker child
 
 
@@ -110,11 +99,13 @@ class Lease:
         self.restore = restore    # (tag) -> None: put one unacked message back
         self._registered = False
 
-    def renew(self) -> None:
+    def renew(self) -> bool:
+        """Write the lease and the held tags; return whether the lease was still there."""
         me = psutil.Process()
         pids = [c.pid for c in me.children()]
         tags = self.tags()
         pipe = self.client.pipeline(transaction=True)
+        pipe.exists(lease_key(self.node))
         pipe.set(lease_key(self.node), json.dumps({"pid": os.getpid(), "pids": pids,
                                                    "at": time.time()}),
                  px=int(self.seconds * 1000))
@@ -122,7 +113,7 @@ class Lease:
         if tags:
             pipe.sadd(held_key(self.node), *tags)
         pipe.sadd(REPLICAS, self.node)
-        pipe.execute()
+        return bool(pipe.execute()[0])
 
     def sweep(self) -> int:
         """Recover the replicas whose lease has expired; return the jobs put back."""
@@ -150,11 +141,10 @@ class Lease:
 
     def tick(self) -> None:
         """Renew this replica's lease (saying so if it had lapsed), then sweep."""
-        if self._registered and not self.client.exists(lease_key(self.node)):
+        if not self.renew() and self._registered:
             log.warning("this replica %s lost its lease (cut off from Redis, or stalled, for"
                         " over %gs): another replica may be running its jobs; the run ledger"
                         " keeps each job to one outcome", self.node, self.seconds)
-        self.renew()
         self._registered = True
         self.sweep()
 

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -63,21 +63,16 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         raise Revoked(_running)
 
 
-@contextlib.contextmanager
-def running(job_id: str) -> Iterator[None]:
-    """Mark ``job_id``'s body as the one a revoke may stop (only the body: never a step)."""
-    global _running
-    _running = job_id
-    try:
-        yield
-    finally:
-        _running = None
-
-
 def guarded(job_id: str, body: Callable[[], T]) -> Callable[[], T]:
+    """``body`` marked as the one a revoke of ``job_id`` may stop (only the body: never a
+    lifecycle step)."""
     def call() -> T:
-        with running(job_id):
+        global _running
+        _running = job_id
+        try:
             return body()
+        finally:
+            _running = None
     return call
 
 
@@ -108,30 +103,30 @@ def on_task_revoked(request: Any = None, terminated: bool = False, signum: Any =
             log.warning("revoke: could not ask child pid=%d to stop %s: %s", pid, job_id, exc)
 
 
-def _running_pids(job_id: str) -> list[int]:
+def _ledger(sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One statement on the run ledger from the main process (which holds no pool: a
+    revoke is rare), or [] with a warning."""
     from workers import db
     from workers.settings import process_settings
 
     try:
         with db.connect(process_settings(), autocommit=True) as conn:
-            rows = conn.execute("SELECT pid FROM runs WHERE job_id = %s AND state = 'running'"
-                                " AND pid IS NOT NULL", (job_id,)).fetchall()
-    except Exception as exc:
-        log.warning("revoke: could not find the child running %s: %s", job_id, exc)
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    except Exception as exc:  # the revoke itself has happened; the row is bookkeeping
+        log.warning("revoke: the run ledger is unreachable (%s)", exc)
         return []
+
+
+def _running_pids(job_id: str) -> list[int]:
+    rows = _ledger("SELECT pid FROM runs WHERE job_id = %s AND state = 'running'"
+                   " AND pid IS NOT NULL", (job_id,))
     return [int(r[0]) for r in rows]
 
 
 def _close_killed(job_id: str) -> None:
     """The child was SIGKILLed: its transaction is gone; close the attempt's row."""
-    from workers import db
-    from workers.settings import process_settings
-
-    try:
-        with db.connect(process_settings(), autocommit=True) as conn:
-            conn.execute("UPDATE runs SET state = 'revoked', finished_at = now(), error = %s"
-                         " WHERE job_id = %s AND state = 'running'",
-                         ("revoked while it ran (revoke terminate=True, SIGKILL); its"
-                          " transaction died with its process", job_id))
-    except Exception as exc:  # the revoke itself has happened; the row is bookkeeping
-        log.warning("revoke: could not close the ledger row of %s: %s", job_id, exc)
+    _ledger("UPDATE runs SET state = 'revoked', finished_at = now(), error = %s"
+            " WHERE job_id = %s AND state = 'running'",
+            ("revoked while it ran (revoke terminate=True, SIGKILL); its transaction died"
+             " with its process", job_id))

@@ -13,6 +13,7 @@ import psycopg
 import redis
 
 from devtools.launcher import WorkerProcess
+from workers.metrics import is_stats_file
 from workers.sentinel import open_fds
 
 
@@ -59,7 +60,7 @@ def child_state(pid: int, temp_root: Path) -> dict[str, Any]:
     """What a worker child holds, read from outside the process."""
     # the child's stats file for the monitor is written (atomically, ~0.1 ms) right after
     # each operation: its fd is not one of the operation's resources
-    fds = [fd for fd in open_fds(pid) if "/stats-" not in fd[1]]
+    fds = [fd for fd in open_fds(pid) if not is_stats_file(fd[1])]
     temp = sorted(n for n in os.listdir(temp_root) if n.startswith(f"{pid}-")) \
         if temp_root.exists() else []
     return {"fds": set(fds), "threads": len(os.listdir(f"/proc/{pid}/task")),
