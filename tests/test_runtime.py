@@ -240,3 +240,38 @@ def test_sessions_fail_fast_on_a_half_open_link(db: psycopg.Connection[Any]) -> 
     assert app_name == ("repoindex",)
     kwargs = workers_db.connection_kwargs(settings)
     assert (kwargs["keepalives"], kwargs["tcp_user_timeout"]) == (1, 30_000)
+
+
+def test_pool_check_asks_the_server_only_when_it_spoke(db: psycopg.Connection[Any]) -> None:
+    """A checkout of a healthy idle connection costs no round trip (the server's record of
+    its last statement is unchanged); one whose backend was terminated is found out and
+    replaced before it is handed out, so the caller's first statement works."""
+    from workers.db import check_idle
+
+    pool = Database(Settings.from_env({"DATABASE_URL": db.info.dsn,
+                                       "REPOINDEX_DB_POOL_MIN": "1",
+                                       "REPOINDEX_DB_POOL_MAX": "1"}))
+    pool.open(wait=True)
+    try:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            conn.execute("SELECT 'marker-statement'")
+        last = "SELECT query, query_start FROM pg_stat_activity WHERE pid = %s"
+        before = db.execute(last, (pid,)).fetchone()
+        assert before is not None and before[0] == "COMMIT"  # of the marker's transaction
+        for _ in range(3):
+            with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+        assert db.execute(last, (pid,)).fetchone() == before
+
+        db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)  # the FATAL and the EOF reach the idle socket
+        with pool.connection() as conn:
+            assert conn.info.backend_pid != pid
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
+    with psycopg.connect(db.info.dsn) as closed:
+        pass
+    with pytest.raises(psycopg.OperationalError, match="closed"):
+        check_idle(closed)
