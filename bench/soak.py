@@ -43,10 +43,11 @@ PERIODS: dict[str, tuple[float, float]] = {
     "REPOINDEX_MAX_TASKS_PER_CHILD": (20_000.0, 500.0),  # operations: a child's day, say
 }
 REDIS_IDLE_TIMEOUT = 300.0  # seconds; what a managed Redis or a proxy might close after
-# Every QUIET_EVERY batches the load pauses for twice the (compressed) pool max idle time,
-# as traffic does at night: idle connections are closed (the soak's pools keep none, min 0)
-# and Redis closes its idle clients; the next operations reconnect.
-QUIET_EVERY = 25
+# After QUIET_AFTER times its own length of load, the load pauses for twice the
+# (compressed) pool max idle time, as traffic does at night: idle connections are closed
+# (the soak's pools keep none, min 0) and Redis closes its idle clients; the next operations
+# reconnect. A quarter of the time is quiet (real time: 20 min after each hour of load).
+QUIET_AFTER = 3
 
 # event -> (what it is, the period that drives it, or None when operations drive it)
 EVENTS: dict[str, tuple[str, str | None]] = {
@@ -245,7 +246,9 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
         watched: list[tuple[float, str]] = []  # (sent at, job id): results to see expire
         expired: set[str] = set()
         last_stats = 0.0
+        quiet = 2 * float(env["REPOINDEX_DB_MAX_IDLE"]) + 1
         run.started = time.monotonic()
+        last_quiet = run.started
         try:
             while (run.done < ops) if duration is None else (run.now() < duration):
                 began = time.monotonic()
@@ -279,8 +282,9 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
                          " or not")
                 if rate > 0:
                     time.sleep(max(0.0, batch / rate - (time.monotonic() - began)))
-                if run.done % (batch * QUIET_EVERY) == 0:  # a quiet spell
-                    time.sleep(2 * float(env["REPOINDEX_DB_MAX_IDLE"]) + 1)
+                if time.monotonic() - last_quiet >= QUIET_AFTER * quiet:  # a quiet spell
+                    time.sleep(min(quiet, max(0.0, (duration or quiet) - run.now())))
+                    last_quiet = time.monotonic()
             run.update_events(_fleet_events(app, worker.node) | {
                 "redis_reconnects": int(server.info("stats")["total_connections_received"])
                 - accepted0, "results_expired": len(expired)})
