@@ -45,10 +45,13 @@ def stats_dir(temp_dir: Path, main_pid: int) -> Path:
     return temp_dir / f"stats-{main_pid}"
 
 
-def is_stats_file(path: str) -> bool:
-    """A child's stats file (or its temp copy), which a child holds open for ~0.1 ms after
-    each operation and sample: not a resource of any operation, for fd counts to skip."""
-    return "/stats-" in path
+def is_bookkeeping_fd(path: str) -> bool:
+    """An fd a child's own bookkeeping holds for a moment, for fd counts read from outside
+    to skip: its stats file (or its temp copy), rewritten in ~0.1 ms after each operation
+    and sample, and the /proc files its sampler and sentinel read (a compressed soak's
+    sampler reads every ~0.1 s, so a reading from outside catches them open now and then).
+    Neither is a resource of any operation."""
+    return "/stats-" in path or path.startswith("/proc/")
 
 
 # -- counters, in a child and summed in the main process ----------------------------------

@@ -13,7 +13,7 @@ import psycopg
 import redis
 
 from devtools.launcher import WorkerProcess
-from workers.metrics import is_stats_file
+from workers.metrics import is_bookkeeping_fd
 from workers.sentinel import open_fds
 
 
@@ -58,9 +58,9 @@ def files_of(db: psycopg.Connection[Any], name: str) -> dict[str, tuple[str, str
 
 def child_state(pid: int, temp_root: Path) -> dict[str, Any]:
     """What a worker child holds, read from outside the process."""
-    # the child's stats file for the monitor is written (atomically, ~0.1 ms) right after
-    # each operation: its fd is not one of the operation's resources
-    fds = [fd for fd in open_fds(pid) if not is_stats_file(fd[1])]
+    # the child's stats file (written right after each operation) and its sampler's /proc
+    # reads are open for a moment: neither is one of an operation's resources
+    fds = [fd for fd in open_fds(pid) if not is_bookkeeping_fd(fd[1])]
     temp = sorted(n for n in os.listdir(temp_root) if n.startswith(f"{pid}-")) \
         if temp_root.exists() else []
     return {"fds": set(fds), "threads": len(os.listdir(f"/proc/{pid}/task")),

@@ -23,7 +23,7 @@ def test_compressed_day_lives_through_every_time_driven_event(tmp_path: Path) ->
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert doc["finished"] and doc["operations"] > 500
+    assert doc["finished"] and doc["operations"] > 300  # a fifth of the time is quiet
     assert doc["failed"] == doc["operations"] // 10  # the one failing job of each ten
     expected = set(doc["events_expected"])
     assert {"samples", "pool_connections_opened", "pool_connections_expired",
