@@ -48,6 +48,7 @@ REDIS_IDLE_TIMEOUT = 300.0  # seconds; what a managed Redis or a proxy might clo
 # (the soak's pools keep none, min 0) and Redis closes its idle clients; the next operations
 # reconnect. A fifth of the time is quiet (real time: 20 min after 80 min of load).
 QUIET_AFTER = 4
+MIN_READINGS = 5  # readings of a child before its figures after warm-up mean anything
 
 # event -> (what it is, the period that drives it, or None when operations drive it)
 EVENTS: dict[str, tuple[str, str | None]] = {
@@ -170,6 +171,9 @@ class Run:
             rss = [float(r["rss"]) for _, _, r in warm]
             children[str(pid)] = {
                 "readings": len(points),
+                # a child replaced within its first few readings has no "after warm-up"
+                # (its pollers and connections open at its first operations)
+                "warmed_up": len(points) >= MIN_READINGS,
                 # fds other than sockets: files, pipes, eventfds (exact; any change is news)
                 "fd_growth_after_warmup": warm[-1][2]["files"] - warm[0][2]["files"],
                 # by kind (pipe, anon_inode, path, ...), first and last reading after warm-up

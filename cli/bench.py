@@ -218,6 +218,10 @@ def bench_soak_cmd(ops: int, duration: str | None, compress: float, rate: float,
             ("max PostgreSQL sessions", str(doc["max_server_connections"]))]
     rows += [(f"event: {name} ({EVENTS[name][0]})", str(n)) for name, n in doc["events"].items()]
     for pid, child in doc["children"].items():
+        if not child.get("warmed_up", True):
+            rows.append((f"child {pid}", f"replaced after {child['readings']} readings, before"
+                         " its warm-up was over: no figures"))
+            continue
         rows += [(f"child {pid}: fd growth after warm-up (sockets apart)",
                   str(child["fd_growth_after_warmup"])),
                  (f"child {pid}: sockets open, max - min", str(child["socket_range"])),

@@ -32,15 +32,18 @@ def test_compressed_day_lives_through_every_time_driven_event(tmp_path: Path) ->
     assert {e: doc["events"][e] for e in expected if doc["events"][e] < 1} == {}
     assert (doc["leak_warnings"], doc["suspected_memory_leaks"], doc["temp_left"]) == (0, 0, 0)
     # No child's fds (sockets apart) changed after warm-up. Two CI runs saw -1 and +1 (a
-    # `path` fd): a reading that caught the child's stats file open while its sampler
-    # rewrote it; the soak leaves that file out, as the lifecycle tests do.
+    # `path` fd): readings that caught the child's own bookkeeping open (its stats file, its
+    # sampler's /proc reads); the soak leaves those out, as the lifecycle tests do. A child
+    # replaced within its first readings has no after-warm-up to judge.
+    warmed = [c for c in doc["children"].values() if c["warmed_up"]]
+    assert len(warmed) >= 2
     grown = {pid: (c["fd_growth_after_warmup"], c["fd_kinds"])
              for pid, c in doc["children"].items()
-             if c["readings"] >= 5 and c["fd_growth_after_warmup"] != 0}
+             if c["warmed_up"] and c["fd_growth_after_warmup"] != 0}
     assert grown == {}
     # pool connections (at most 2) and the result backend's Redis connection come and go;
     # the count moves within that range and does not grow
-    assert max(c["socket_range"] for c in doc["children"].values()) <= 2 + 1
+    assert max(c["socket_range"] for c in warmed) <= 2 + 1
     assert 0 < doc["max_server_connections"] <= 2 * 2  # 2 children, pools of at most 2
     assert png.stat().st_size > 10_000
     assert "event: pool_connections_expired" in done.stdout
