@@ -58,6 +58,10 @@ class OperationTask(Task[Any, Any]):
             except Revoked:
                 # Celery has stored REVOKED and acknowledged the message: store nothing
                 raise Ignore() from None
+            except Exception:
+                if op.superseded:  # judged lost (fenced): the copy that ran again answers;
+                    raise Ignore() from None  # a FAILURE here could reach the caller first
+                raise
 
     def failed(self, error: Exception) -> BaseException:
         """What the lifecycle records for ``error`` (``RetryingOperation``: a retry)."""
