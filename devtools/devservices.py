@@ -115,9 +115,15 @@ class RedisServer:
         self._proc = subprocess.Popen(
             [find_binary("redis-server"), "--port", str(self.port), "--bind", self.host,
              "--save", "", "--appendonly", "yes" if self.persistent else "no",
-             "--appendfsync", self.fsync, "--dir", str(self.directory)],
+             "--appendfsync", self.fsync, "--dir", str(self.directory),
+             # without a password Redis answers only loopback clients unless told otherwise
+             *(("--protected-mode", "no") if self.host != "127.0.0.1" else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
+        try:
+            _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
+        except ConfigError:
+            self.kill()
+            raise
         return self
 
     def stop(self) -> None:

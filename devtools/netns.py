@@ -122,11 +122,14 @@ class Network:
             self.close()
             raise
 
-    def wrap(self, hostname: str) -> list[str]:
-        """A command prefix that execs its command in the namespace, under a host name of
-        its own (a UTS namespace): to the others, a replica on another host."""
-        return ["ip", "netns", "exec", self.ns, "unshare", "--uts", "--", "sh", "-c",
-                'hostname "$0" && exec "$@"', hostname]
+    def wrap(self, hostname: str | None = None) -> list[str]:
+        """A command prefix that execs its command in the namespace; with ``hostname``
+        under a host name of its own (a UTS namespace): to the others, another host."""
+        inside = ["ip", "netns", "exec", self.ns]
+        if hostname is None:
+            return inside
+        return [*inside, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"',
+                hostname]
 
     def cut(self, *names: str) -> None:
         for name in names or tuple(self.links):
