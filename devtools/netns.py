@@ -152,8 +152,8 @@ class DelayRelay:
     ``delay`` seconds before passing it on: each round trip through them takes that much
     longer (what ``netem delay`` on the client's side of the link would do).
 
-    ``relay(listen_host, target_port)`` returns the port it listens on; the target is on
-    127.0.0.1. ``close()`` ends them and every connection they hold.
+    ``relay(listen_host, target_host, target_port)`` returns the port it listens on.
+    ``close()`` ends them and every connection they hold.
     """
 
     def __init__(self, delay: float) -> None:
@@ -166,23 +166,23 @@ class DelayRelay:
                                         daemon=True)
         self._thread.start()
 
-    def relay(self, listen_host: str, target_port: int) -> int:
+    def relay(self, listen_host: str, target_host: str, target_port: int) -> int:
         async def start() -> int:
             server = await asyncio.start_server(
-                lambda r, w: self._serve(r, w, target_port), listen_host, 0)
+                lambda r, w: self._serve(r, w, target_host, target_port), listen_host, 0)
             self._servers.append(server)
             return int(server.sockets[0].getsockname()[1])
 
         return asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     port: int) -> None:
+                     host: str, port: int) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError:
             writer.close()
             self._tasks.discard(task)
