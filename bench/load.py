@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,13 @@ from workers.metrics import WAIT_BUCKETS, quantile
 
 @contextlib.contextmanager
 def fleet(env: Mapping[str, str], logs: Path, *, replicas: int, concurrency: int, queue: str,
-          name: str = "fleet", app: str = "workers.app") -> Iterator[list[WorkerProcess]]:
+          name: str = "fleet", app: str = "workers.app",
+          wrap: Sequence[str] = ()) -> Iterator[list[WorkerProcess]]:
     """``replicas`` worker replicas of ``concurrency`` children on one queue, started at
-    once; all stopped (SIGTERM, as in production) on the way out."""
+    once (through ``wrap``, e.g. in a network namespace); all stopped (SIGTERM, as in
+    production) on the way out."""
     workers = [WorkerProcess(env, name=f"{name}{i}-{queue}", log_path=logs / f"{name}{i}.log",
-                             concurrency=concurrency, queue=queue, app=app)
+                             concurrency=concurrency, queue=queue, app=app, wrap=wrap)
                for i in range(replicas)]
     try:
         for worker in workers:

@@ -116,6 +116,38 @@ def bench_shutdown_cmd(runs: int, op_seconds: float, grace: float, json_out: str
     write_json(json_out, doc)
 
 
+@bench.command("concurrent")
+@click.option("--ops", default=100, show_default=True, help="Operations in flight at once.")
+@click.option("--replicas", default=4, show_default=True)
+@click.option("--latency-ms", default=0, show_default=True,
+              help="Added to every request to Redis and PostgreSQL (root: the fleet runs in"
+                   " a network namespace, through delaying relays).")
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_concurrent_cmd(ops: int, replicas: int, latency_ms: int,
+                         json_out: str | None) -> None:
+    """Operations in flight at once across a fleet, optionally over a slow network."""
+    from bench.common import table, write_json
+    from bench.replicas import bench_concurrent
+
+    doc = bench_concurrent(ops, replicas, click.echo, latency=latency_ms / 1000)
+    waits = doc["pool_wait"]
+    click.echo(table([
+        ("fleet", f"{replicas} replicas x {doc['children_per_replica']} children, pools of 1"),
+        ("latency added per request", f"{latency_ms} ms"),
+        ("succeeded", f"{doc['succeeded']} of {doc['operations']}"),
+        ("waiting together / in flight at once",
+         f"{doc['waiting_together']} / {doc['in_flight_at_once']}"),
+        ("pool timeouts", str(doc["pool_timeouts"])),
+        ("pool wait p50 / p99", f"<= {waits['p50_s']} s / <= {waits['p99_s']} s"),
+        ("peak server sessions / budget",
+         f"{doc['peak_server_connections']} / {doc['connection_budget']}"),
+        ("until all waited together / wall", f"{doc['gate_s']:.1f} s / {doc['wall_s']:.1f} s"),
+    ]))
+    if doc["errors"]:
+        click.echo("errors: " + "; ".join(doc["errors"][:5]), err=True)
+    write_json(json_out, doc)
+
+
 @bench.command("failover")
 @click.option("--runs", default=5, show_default=True)
 @click.option("--lease", default=20.0, show_default=True,

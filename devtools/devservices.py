@@ -97,24 +97,33 @@ def find_binary(name: str) -> str:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port; ``restart()`` keeps the port."""
+    """A private redis-server on a free port of ``host`` (loopback unless a test's network
+    says otherwise); ``restart()`` keeps the port."""
 
     def __init__(self, directory: Path, port: int | None = None, *,
-                 persistent: bool = False, fsync: str = "always") -> None:
+                 persistent: bool = False, fsync: str = "always",
+                 host: str = "127.0.0.1") -> None:
         self.directory = directory
+        self.host = host
         self.persistent = persistent  # append-only file: survives restarts
         self.fsync = fsync  # appendfsync: always, or everysec as docker-compose.yml ships
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{host}:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
         self._proc = subprocess.Popen(
-            [find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+            [find_binary("redis-server"), "--port", str(self.port), "--bind", self.host,
              "--save", "", "--appendonly", "yes" if self.persistent else "no",
-             "--appendfsync", self.fsync, "--dir", str(self.directory)],
+             "--appendfsync", self.fsync, "--dir", str(self.directory),
+             # without a password Redis answers only loopback clients unless told otherwise
+             *(("--protected-mode", "no") if self.host != "127.0.0.1" else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
+        try:
+            _wait_for(lambda: redis_answers(self.url), f"redis-server on port {self.port}")
+        except ConfigError:
+            self.kill()
+            raise
         return self
 
     def stop(self) -> None:
@@ -143,12 +152,15 @@ class PostgresServer:
     temp tree is often private to root. ``stop()`` removes it.
     """
 
-    def __init__(self, directory: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, settings: dict[str, str] | None = None, *,
+                 host: str = "127.0.0.1", trust: str = "") -> None:
         self.directory = directory
         self.settings = settings or {}  # server settings, e.g. {"max_connections": "150"}
         self.data = Path(tempfile.mkdtemp(prefix="repoindex-pg-"))
         self.port = free_port()
-        self.url = f"postgresql://repoindex@127.0.0.1:{self.port}/postgres"
+        self.host = host  # listens on loopback and, when it is another address, on this too
+        self.trust = trust  # a network (CIDR) whose clients log in without a password too
+        self.url = f"postgresql://repoindex@{host}:{self.port}/postgres"
         self._runas: list[str] = []
 
     def _run(self, *argv: str) -> None:
@@ -164,6 +176,9 @@ class PostgresServer:
             self._runas = ["runuser", "-u", user, "--"]
             shutil.chown(self.data, user)
         self._run(initdb, "-D", str(self.data), "-U", "repoindex", "--auth=trust", "-E", "UTF8")
+        if self.trust:
+            with open(self.data / "pg_hba.conf", "a", encoding="utf-8") as hba:
+                hba.write(f"host all all {self.trust} trust\n")
         self._run(pg_ctl, "-D", str(self.data), "-w", "-l", str(self.data / "server.log"),
                   "-o", self._options(), "start")
         return self
@@ -175,7 +190,8 @@ class PostgresServer:
 
     def _options(self) -> str:
         extra = "".join(f" -c {k}={v}" for k, v in self.settings.items())
-        return f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1{extra}"
+        listen = ",".join(dict.fromkeys(("127.0.0.1", self.host)))
+        return f"-p {self.port} -k {self.data} -c listen_addresses={listen}{extra}"
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -21,14 +21,18 @@ class WorkerProcess:
 
     def __init__(self, env: Mapping[str, str], *, name: str, log_path: Path,
                  concurrency: int = 2, args: Sequence[str] = (), app: str = "workers.app",
-                 queue: str | None = None) -> None:
+                 queue: str | None = None, wrap: Sequence[str] = (),
+                 host: str | None = None) -> None:
         self.env = dict(env)
         # Read by billiard at import: SIGTERM starts the cold shutdown (README "Shutting down").
         self.env.setdefault("REMAP_SIGTERM", "SIGQUIT")
         self.name = name
         self.log_path = log_path
         self.queue = queue  # consume only this queue (None: Celery's default queue)
-        self.argv = [sys.executable, "-m", "celery", "-A", app, "worker",
+        # ``wrap``: a command that execs the worker (e.g. in a network namespace of its own,
+        # under the host name ``host``), so ``pid`` is still the worker's main process
+        self.host = host
+        self.argv = [*wrap, sys.executable, "-m", "celery", "-A", app, "worker",
                      "--pool", "prefork", "-c", str(concurrency), "-n", f"{name}@%h",
                      "--without-mingle", "--without-gossip", *(("-Q", queue) if queue else ()),
                      *args]
@@ -47,7 +51,7 @@ class WorkerProcess:
     @property
     def node(self) -> str:
         """The worker's node name (``-n name@%h``): the destination of control commands."""
-        return f"{self.name}@{socket.gethostname()}"
+        return f"{self.name}@{self.host or socket.gethostname()}"
 
     @property
     def pid(self) -> int:

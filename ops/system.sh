@@ -20,7 +20,7 @@ has initdb || [ -n "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || nee
 if [ "$purpose" = test ]; then
   { has promtool && has prometheus; } || need+=(prometheus)   # alert rule tests, dashboard test
   has docker-compose || need+=(docker-compose)                # compose file checks
-  { has ip && has tc; } || need+=(iproute2)                   # partition tests (netns, veth, netem)
+  { has ip && has tc; } || need+=(iproute2)                   # partition tests (netns, veth, tc)
   has chromium || need+=(chromium)                            # Flower page test (headless)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0

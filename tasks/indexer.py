@@ -17,7 +17,7 @@ from tasks import store
 from tasks.classify import classify, decode_path, language
 from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, SYMLINK_MAX, Git, TreeEntry, git_env
 from tasks.validate import IndexArgs
-from workers import logs
+from workers import ledger, logs
 from workers.errors import LimitExceeded
 from workers.resources import ResourceManager
 from workers.scrub import scrub
@@ -100,6 +100,9 @@ def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *
                     sink.blob(sha, len(data), classify(data))
                 progress(done, len(wanted), "reading blobs")
         progress(0, entries, "storing")
+        # a stale attempt (judged lost while cut off, or older than the stored index)
+        # must not write over newer work: refused here, so the transaction rolls back
+        ledger.fence(conn, repository=args.name, commit=commit)
         counts = store.apply(conn, repo_id, commit, job_id)
         progress(entries, entries, "storing")
         progress(0, 1, "commit")

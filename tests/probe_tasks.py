@@ -116,6 +116,20 @@ def sleep(self: OperationTask, seconds: float, tag: str = "") -> dict[str, Any]:
     return {"pid": os.getpid(), "tag": tag}
 
 
+@shared_task(name="probe.index_after", base=OperationTask, bind=True)
+def index_after(self: OperationTask, seconds: float, **kwargs: Any) -> dict[str, Any]:
+    """``repoindex.index_repository(**kwargs)`` after ``seconds`` of work outside any
+    transaction (as a slow clone would take): the real indexer, its commit path included."""
+    from tasks import indexer, validate
+
+    time.sleep(seconds)
+    settings = runtime.current().settings
+    return indexer.index_repository(resources.current(), settings,
+                                    validate.index_args((), kwargs, settings.roots),
+                                    job_id=self.request.id or "local",
+                                    progress=self.progress())
+
+
 @shared_task(name="probe.phases", base=OperationTask, bind=True)
 def phases(self: OperationTask, names: list[str], steps: int, seconds: float) -> int:
     """Reports ``steps`` steps of each phase in ``names`` over ``seconds`` each."""

@@ -275,3 +275,37 @@ def test_pool_check_asks_the_server_only_when_it_spoke(db: psycopg.Connection[An
         pass
     with pytest.raises(psycopg.OperationalError, match="closed"):
         check_idle(closed)
+
+
+def test_fence_refuses_a_lost_attempt_and_work_older_than_the_stored_index(
+        db: psycopg.Connection[Any]) -> None:
+    """In the operation's transaction: an attempt marked lost meanwhile (its replica judged
+    gone) may not commit; nor may one that started before the job whose index is stored,
+    at another commit. The same commit, or stored work that started earlier, passes."""
+    migrate(db)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    repo = f"fenced-{tag}"
+
+    def fence(commit: str) -> None:
+        with psycopg.connect(db.info.dsn) as conn, conn.transaction():
+            ledger.fence(conn, repository=repo, commit=commit)
+
+    run = ledger.start(db, job_id=f"j-{tag}", task="t", max_lost=3)
+    fence("c1")  # no stored index yet
+    db.execute("INSERT INTO runs (job_id, task, attempt, state, started_at) VALUES"
+               " (%s, 't', 1, 'succeeded', now() + interval '1 second')", (f"k-{tag}",))
+    db.execute("INSERT INTO repositories (name, source, ref, commit, last_job_id) VALUES"
+               " (%s, 's', 'HEAD', 'c2', %s)", (repo, f"k-{tag}"))
+    with pytest.raises(ledger.Superseded, match=f"job k-{tag}, which started after this"
+                       " one, indexed it at c2; this job's index at c1 is rolled back"):
+        fence("c1")
+    fence("c2")  # the same commit: nothing stale to write
+    db.execute("UPDATE runs SET started_at = now() - interval '1 hour' WHERE job_id = %s",
+               (f"k-{tag}",))
+    fence("c1")  # the stored index is older work: this one may replace it
+    db.execute("UPDATE runs SET state = 'lost' WHERE id = %s", (run.id,))
+    with pytest.raises(ledger.Superseded, match=f"attempt 1 of job j-{tag} is 'lost'"):
+        fence("c2")
+    assert ledger.finish(db, run, repository=repo, result=None, error=None,
+                         cleanup=None) is False
+    fence("c1")  # finished: no current attempt, nothing to fence (the indexer used alone)

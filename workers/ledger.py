@@ -6,6 +6,9 @@ same job is delivered again while a row is still ``running``, the row's process 
 after: on this host by its pid, elsewhere by its replica's lease (``workers.recovery``).
 A live one is waited for and its outcome is this delivery's too; a dead one (SIGKILL, OOM,
 a replica gone) is marked ``lost``, and a job lost ``max_lost`` times is failed.
+
+An attempt judged lost may still be alive (a replica cut off past its lease that comes
+back): ``fence`` refuses, in the operation's own transaction, to let it commit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +84,45 @@ class AlreadyFailed(RepoindexError):
     """A copy of this job ran at the same time and failed: its error is this job's."""
 
 
+class Superseded(RepoindexError):
+    """Fenced: this attempt's work must not be committed (see ``fence``)."""
+
+
+# The attempt this process is running (set by ``start``, cleared by ``finish``): what
+# ``fence`` checks. None outside an operation (the indexer called directly).
+_current: ContextVar[Run | None] = ContextVar("repoindex_run", default=None)
+_FENCE = ("SELECT me.state, w.job_id, r.commit FROM runs me"
+          " LEFT JOIN repositories r ON r.name = %(repo)s"
+          " LEFT JOIN LATERAL (SELECT w.job_id FROM runs w WHERE w.job_id = r.last_job_id"
+          "   AND w.job_id <> me.job_id AND w.state IN ('running', 'succeeded')"
+          "   AND w.started_at > me.started_at LIMIT 1) w ON true"
+          " WHERE me.id = %(id)s FOR SHARE OF me")
+
+
+def fence(conn: psycopg.Connection[Any], *, repository: str, commit: str) -> None:
+    """In the operation's transaction, before it writes the index: raise ``Superseded``
+    (the transaction then rolls back) when this attempt is no longer the job's live one
+    (its row was marked ``lost``: its replica was judged gone and the job ran again), or
+    when the stored index of ``repository`` is newer work (written by a job whose attempt
+    started after this one, at another commit). The row stays locked (``FOR SHARE``) until
+    the commit, so no copy can mark it lost in between."""
+    run = _current.get()
+    if run is None:
+        return
+    row = conn.execute(_FENCE, {"repo": repository, "id": run.id}).fetchone()
+    state, newer, stored = row if row is not None else ("missing", None, None)
+    if state != "running":
+        raise Superseded(
+            f"attempt {run.attempt} of job {run.job_id} is '{state}' in the run ledger: it"
+            " was judged lost while it ran (its replica cut off past its lease) and the job"
+            f" ran again elsewhere; its index of {repository} is rolled back, not committed")
+    if newer is not None and stored != commit:
+        raise Superseded(
+            f"repository {repository} holds newer work: job {newer}, which started after"
+            f" this one, indexed it at {stored}; this job's index at {commit} is rolled"
+            " back, not committed over it")
+
+
 def args_hash(task: str, args: Any, kwargs: Any) -> str:
     """What makes two sends of one job id the same job: task name and arguments."""
     doc = json.dumps([task, list(args), kwargs], sort_keys=True, default=repr)
@@ -89,14 +132,22 @@ def args_hash(task: str, args: Any, kwargs: Any) -> str:
 def start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int,
           node: str = "", alive: Liveness | None = None, args: str | None = None) -> Run:
     """Record a new attempt; hand back the result of one that already succeeded; refuse a
-    job that has killed its worker ``max_lost`` times.
+    job that has killed its worker ``max_lost`` times. A new attempt is this process's
+    current one (``fence``) until ``finish``."""
+    _current.set(None)
+    run = _start(conn, job_id=job_id, task=task, max_lost=max_lost, node=node,
+                 alive=alive or same_host_alive, args=args)
+    _current.set(run if run.completed is None else None)
+    return run
 
-    Copies of one job (a redelivery, a job recovered from a replica judged gone) are
+
+def _start(conn: psycopg.Connection[Any], *, job_id: str, task: str, max_lost: int,
+           node: str, alive: Liveness, args: str | None) -> Run:
+    """Copies of one job (a redelivery, a job recovered from a replica judged gone) are
     serialised by a transaction lock on the job id. A copy that finds a ``running`` attempt
     asks ``alive`` about it: a live one is waited for, and its outcome becomes this copy's
     (succeeded: its result; failed: its error); a dead one is marked ``lost``.
     """
-    alive = alive or same_host_alive
     fast = {"job": job_id, "task": task, "worker": socket.gethostname(), "pid": os.getpid(),
            "node": node or None, "args": args}
     # The first delivery of a job, by far the common case: one round trip (the insert
@@ -181,8 +232,11 @@ def same_host_alive(attempt: Attempt) -> bool | None:
 
 
 def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
-           result: Any, error: BaseException | None, cleanup: CleanupReport | None) -> None:
-    """Close the attempt's row with its outcome, counts, error text and cleanup report."""
+           result: Any, error: BaseException | None, cleanup: CleanupReport | None) -> bool:
+    """Close the attempt's row with its outcome, counts, error text and cleanup report;
+    False when the row had been marked lost meanwhile (its outcome is then not recorded:
+    another copy of the job answers for it)."""
+    _current.set(None)
     state = state_of(error)
     counts = result if isinstance(result, dict) else None
     with conn.pipeline():  # one round trip, synced by the commit
@@ -198,6 +252,7 @@ def finish(conn: psycopg.Connection[Any], run: Run, *, repository: str,
         log.warning("attempt %d of %s was judged lost while it ran (its replica's lease"
                     " lapsed); its outcome %s is not recorded over the ledger's", run.attempt,
                     run.job_id, state)
+    return bool(cur.rowcount)
 
 
 def state_of(error: BaseException | None) -> str:

@@ -58,6 +58,10 @@ class OperationTask(Task[Any, Any]):
             except Revoked:
                 # Celery has stored REVOKED and acknowledged the message: store nothing
                 raise Ignore() from None
+            except Exception:
+                if op.superseded:  # judged lost (fenced): the copy that ran again answers;
+                    raise Ignore() from None  # a FAILURE here could reach the caller first
+                raise
 
     def failed(self, error: Exception) -> BaseException:
         """What the lifecycle records for ``error`` (``RetryingOperation``: a retry)."""
@@ -68,9 +72,11 @@ class OperationTask(Task[Any, Any]):
         meta ``{"phase", "done", "total"}``, for ``repoindex status`` and callers), a
         ``task-progress`` event (Flower shows the state and, as the task's result until it
         has one, ``"<phase>: done/total"``) and one log line when a phase begins."""
-        last_at, last_phase = [0.0], [""]
+        last_at, last_phase, broken = [0.0], [""], [False]
 
         def report(done: int, total: int, phase: str = "reading blobs") -> None:
+            if broken[0]:
+                return
             now = time.monotonic()
             begins = phase != last_phase[0]
             if not begins and done < total and now - last_at[0] < self.progress_interval:
@@ -79,9 +85,20 @@ class OperationTask(Task[Any, Any]):
             if begins:
                 log.info("phase: %s (%d/%d)", phase, done, total)
             if self.request.id and not self.request.is_eager:
-                self.update_state(state="PROGRESS",
-                                  meta={"phase": phase, "done": done, "total": total})
-                self.send_event("task-progress", result=f"{phase}: {done}/{total}",
-                                phase=phase, done=done, total=total)
+                meta = {"phase": phase, "done": done, "total": total}
+                # best effort: with Redis unreachable (a partition) the operation goes on
+                # and commits; its later reports are skipped, not each a socket timeout
+                try:
+                    # not update_state: it retries for minutes (result_backend_always_retry)
+                    backend = self.backend
+                    backend._store_result(  # type: ignore[attr-defined]
+                        self.request.id, backend.encode_result(meta, "PROGRESS"), "PROGRESS",
+                        request=self.request)
+                    self.send_event("task-progress", result=f"{phase}: {done}/{total}",
+                                    phase=phase, done=done, total=total)
+                except Exception as exc:
+                    broken[0] = True
+                    log.warning("progress not reported (%s: %s); the operation goes on"
+                                " without reports", type(exc).__name__, exc)
 
         return report

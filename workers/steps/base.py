@@ -39,6 +39,7 @@ class Operation:
     result: Any = None
     error: BaseException | None = None
     done: bool = False  # a before step already has the result: the body does not run
+    superseded: bool = False  # the ledger had judged this attempt lost: a copy answers
     began: float = field(default_factory=time.monotonic)
 
     @property

@@ -32,7 +32,8 @@ class LedgerRow(Step):
             return
         try:
             with op.runtime.db.connection() as conn:
-                ledger.finish(conn, op.run, repository=op.repo, result=op.result,
-                              error=op.error, cleanup=op.report)
+                op.superseded = not ledger.finish(conn, op.run, repository=op.repo,
+                                                  result=op.result, error=op.error,
+                                                  cleanup=op.report)
         except Exception:  # the ledger must never mask the operation's own outcome
             log.exception("could not record the outcome of %s in the run ledger", op.job_id)
