@@ -12,47 +12,76 @@ humans get tables and progress bars on a terminal.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import click
 
-from cli import bench, data, demo, jobs, service
 from workers.settings import Settings
+
+# Each command's module, imported only when that command runs (click's "lazily loading
+# subcommands" pattern): `repoindex enqueue` never imports the benchmarks, the demo or rich.
+COMMANDS = {
+    "worker": "service", "flower": "service", "stats": "service",
+    "enqueue": "jobs", "status": "jobs", "delete": "jobs",
+    "repos": "data", "search": "data", "migrate": "data",
+    "demo": "demo", "bench": "bench",
+}
 
 
 class _Group(click.Group):
-    """Turns an unreachable broker or result backend into one clear line and exit code 3,
-    instead of kombu's traceback after its retries."""
+    """Loads each command's module on first use, and turns an unreachable broker, result
+    backend or database into one clear line and exit code 3, instead of a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(importlib.import_module(f"cli.{module}"), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            if not _unreachable_redis(exc):
+            service = _unreachable(exc)
+            if service is None:
                 raise
             from workers.scrub import scrub
 
             settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
-            url = scrub(settings.redis_url)
+            url, variable = ((settings.redis_url, "REDIS_URL") if service == "Redis"
+                             else (settings.database_url, "DATABASE_URL"))
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            click.echo(f"repoindex: cannot reach Redis at {url} ({scrub(reason)});"
-                       " is it running and is REDIS_URL right?", err=True)
+            click.echo(f"repoindex: cannot reach {service} at {scrub(url)} ({scrub(reason)});"
+                       f" is it running and is {variable} right?", err=True)
             sys.exit(3)
 
 
-def _unreachable_redis(exc: Exception) -> bool:
-    """Whether ``exc`` says the broker or result backend cannot be reached. kombu and redis
-    are imported only if something already did (commands that talk to PostgreSQL alone
-    start without them)."""
-    if isinstance(exc, RuntimeError):
-        return "result store" in str(exc)
-    if "kombu" not in sys.modules and "redis" not in sys.modules:
-        return False
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import ConnectionError as RedisConnectionError
+def _unreachable(exc: Exception) -> str | None:
+    """``Redis`` when ``exc`` says the broker or result backend cannot be reached,
+    ``PostgreSQL`` when the database cannot be (refused, unknown host or database, login
+    refused, the server gone mid-command), else None. Client libraries are imported only if
+    something already did (a command that talks to one service never loads the other's)."""
+    if isinstance(exc, RuntimeError) and "result store" in str(exc):
+        return "Redis"
+    if "psycopg" in sys.modules:
+        import psycopg
 
-    return isinstance(exc, OperationalError | RedisConnectionError)
+        if isinstance(exc, psycopg.OperationalError):
+            return "PostgreSQL"
+    if "kombu" in sys.modules or "redis" in sys.modules:
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        if isinstance(exc, OperationalError | RedisConnectionError):
+            return "Redis"
+    return None
 
 
 @click.group(cls=_Group)
@@ -60,8 +89,3 @@ def _unreachable_redis(exc: Exception) -> bool:
 def main(ctx: click.Context) -> None:
     """repoindex: index git repositories into PostgreSQL with Celery workers."""
     ctx.obj = Settings.from_env()  # the one read of this process's settings
-
-
-for _group in (service, jobs, data, demo, bench):
-    for _command in _group.COMMANDS:
-        main.add_command(_command)

@@ -262,6 +262,3 @@ def bench_soak_cmd(ops: int, duration: str | None, compress: float, rate: float,
                  (f"child {pid}: max RSS", f"{child['max_rss_mib']:.1f} MiB")]
     rows += [("plot", doc["png"]), ("json", json_out)]
     click.echo(table(rows))
-
-
-COMMANDS = (bench,)

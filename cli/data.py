@@ -98,6 +98,3 @@ def migrate(ctx: click.Context) -> None:
     with db.connect(settings_of(ctx), autocommit=True) as conn:  # not connect(): it migrates
         applied = db.migrate(conn)
     click.echo("applied: " + (", ".join(applied) or "nothing, schema is current"))
-
-
-COMMANDS = (repos, search, migrate)

@@ -38,6 +38,17 @@ def sample_source(tmp: Path) -> Path:
     return repo
 
 
+class Unreachable(click.ClickException):
+    exit_code = 3  # a service unreachable (README "Exit statuses")
+
+    def __init__(self, service: str, url: str) -> None:
+        from workers.scrub import scrub
+
+        variable = "REDIS_URL" if service == "Redis" else "DATABASE_URL"
+        super().__init__(f"cannot reach {service} at {scrub(url)}; is it running and is "
+                         f"{variable} right (unset, the demo starts its own)?")
+
+
 def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
     # imported here: psycopg and redis would slow the start of every other command
     from devtools import devservices
@@ -48,6 +59,11 @@ def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
         tmp = Path(raw)
         echo(f"redis: {ep.redis_url}  postgres: {ep.database_url}  "
              f"(started here: {', '.join(ep.started) or 'nothing'})")
+        for service, url, answers in (("Redis", ep.redis_url, devservices.redis_answers),
+                                      ("PostgreSQL", ep.database_url,
+                                       devservices.postgres_answers)):
+            if not answers(url):  # a configured URL that is wrong: say so before any worker
+                raise Unreachable(service, url)
         source = sample_source(tmp)
         env = {**os.environ, "REDIS_URL": ep.redis_url, "DATABASE_URL": ep.database_url,
                "REPOINDEX_ROOTS": str(source.parent), "REPOINDEX_TEMP_DIR": str(tmp / "work")}
@@ -73,9 +89,10 @@ def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
             with conn:
                 from tasks.search import search
 
-                # in code, not README quoting this very output
-                matches = search(conn, "ResourceManager", repo="demo", langs=["python"],
-                                 limit=5)
+                # where code uses it (an import or the class), not a file quoting a search
+                # for it: README's sample output, or this very line
+                matches = search(conn, r"^(from \S+ import|class) ResourceManager",
+                                 regex=True, repo="demo", langs=["python"], limit=5)
             for m in matches:
                 echo(f"  {m.repo}:{m.path}:{m.line}: {m.text.strip()[:100]}")
         finally:
@@ -96,6 +113,3 @@ def demo(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, default=str))
     sys.exit(0 if report["ok"] else 1)
-
-
-COMMANDS = (demo,)

@@ -45,37 +45,43 @@ return 0
 
 
 def job_status(job_id: str, settings: Settings) -> dict[str, Any]:
-    """``{"id", "state", "result" | "error" | "progress"}`` from the result backend, falling
-    back to the run ledger when the backend has nothing (expired, or never reached), then
-    to the broker's queues: ``UNKNOWN`` when none of the three knows the id."""
+    """``{"id", "state", "result" | "error" | "progress"}`` from the result backend; when it
+    has nothing, from the broker's queues (a queued job: no database needed), then from the
+    run ledger (a result the backend no longer keeps): ``UNKNOWN`` when none of the three
+    knows the id. A queued job costs two Redis reads, so waiting polls no database."""
     from celery.result import AsyncResult
 
     from workers.client import client
 
     res: AsyncResult[Any] = AsyncResult(job_id, app=client())
     doc = _backend_status(res)
-    if doc["state"] == "PENDING":
-        doc.update(_ledger_status(job_id, settings))
-    if doc["state"] == "PENDING":  # the backend and the ledger know nothing: queued?
-        where = _in_broker(job_id)
-        if where is None:  # a worker's fetch moves it from queue to unacked: look again
-            time.sleep(0.05)
-            doc = _backend_status(res)
-            where = _in_broker(job_id) if doc["state"] == "PENDING" else None
+    if doc["state"] != "PENDING":
+        return doc
+    where = _in_broker(job_id)
+    if where is not None:
+        return {**doc, "broker": where}
+    doc.update(_ledger_status(job_id, settings))
+    if doc["state"] == "PENDING":  # a worker's fetch moves it from queue to unacked: look again
+        time.sleep(0.05)
+        doc = _backend_status(res)
+        where = _in_broker(job_id) if doc["state"] == "PENDING" else None
         if doc["state"] == "PENDING":
             doc.update({"broker": where} if where else {"state": "UNKNOWN"})
     return doc
 
 
 def _backend_status(res: Any) -> dict[str, Any]:
-    state: str = str(res.state)
+    """The backend's record in one read (``AsyncResult.state`` and ``.info`` are a read
+    each, so a phase could be paired with another phase's done/total)."""
+    meta = res.backend.get_task_meta(res.id)
+    state, info = str(meta["status"]), meta.get("result")
     doc: dict[str, Any] = {"id": res.id, "state": state}
     if state == "SUCCESS":
-        doc["result"] = res.result
+        doc["result"] = info
     elif state == "FAILURE":
-        doc["error"] = str(res.result)
-    elif state == "PROGRESS" and isinstance(res.info, dict):
-        doc["progress"] = {k: res.info.get(k) for k in ("done", "total", "phase")}
+        doc["error"] = str(info)
+    elif state == "PROGRESS" and isinstance(info, dict):
+        doc["progress"] = {k: info.get(k) for k in ("done", "total", "phase")}
     return doc
 
 
@@ -184,17 +190,33 @@ def enqueue(ctx: click.Context, source: str, name: str | None, ref: str, wait: b
     if not wait:
         emit({"id": job_id, "state": "PENDING"}, as_json, lambda: click.echo(job_id))
         return
-    # The id first, so that a caller who stops waiting can still ask about the job.
-    click.echo(job_id, err=as_json)
-    sys.stdout.flush()
-    doc = wait_for(job_id, settings_of(ctx), show=not as_json and sys.stderr.isatty(),
-                   timeout=timeout)
+    try:
+        # The id first, so that a caller who stops waiting can still ask about the job.
+        click.echo(job_id, err=as_json)
+        sys.stdout.flush()
+        doc = wait_for(job_id, settings_of(ctx), show=not as_json and sys.stderr.isatty(),
+                       timeout=timeout)
+    except KeyboardInterrupt:
+        click.echo(f"repoindex: stopped waiting; job {job_id} goes on (it is durable): "
+                   f"`repoindex status {job_id}` tells later", err=True)
+        _die_of_sigint()
     emit(doc, as_json, lambda: click.echo(_describe(doc)))
     if doc["state"] not in JOB_STATES_DONE:
         click.echo(f"repoindex: job {job_id} not finished after {timeout:g}s (still "
                    f"{doc['state']}); it stays queued: `repoindex status {job_id}` tells later",
                    err=True)
     sys.exit(exit_status(doc))
+
+
+def _die_of_sigint() -> None:
+    """End as a process killed by Ctrl-C does (status 130 in a shell), so that a shell loop
+    or script running us stops too, instead of taking a normal exit for a result."""
+    import os
+    import signal
+
+    sys.stdout.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def exit_status(doc: dict[str, Any]) -> int:
@@ -243,6 +265,3 @@ def delete(ctx: click.Context, name: str, as_json: bool) -> None:
     emit(doc, as_json, lambda: click.echo(
         f"repository {name!r} does not exist; nothing deleted" if missing else _describe(doc)))
     sys.exit(EXIT_FAILED if missing else exit_status(doc))
-
-
-COMMANDS = (enqueue, status, delete)

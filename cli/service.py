@@ -112,6 +112,3 @@ def stats(as_json: bool, watch: float | None, timeout: float) -> None:
                 live.update(stats_table(current()), refresh=True)
     except KeyboardInterrupt:
         pass
-
-
-COMMANDS = (worker, flower, stats)

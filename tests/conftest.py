@@ -50,6 +50,10 @@ def pytest_configure(config: pytest.Config) -> None:
     env = {"REDIS_URL": endpoints.redis_url, "DATABASE_URL": endpoints.database_url,
            "REPOINDEX_ROOTS": str(tmp / "roots"), "REPOINDEX_TEMP_DIR": str(tmp / "work"),
            **TEST_ENV}
+    # Whatever else the environment names is not ours either: the result backend would
+    # default to the user's REPOINDEX_RESULT_BACKEND, errors would go to the user's Sentry.
+    for key in ("REPOINDEX_RESULT_BACKEND", "SENTRY_DSN"):
+        os.environ.pop(key, None)
     os.environ.update(env)
     SESSION.update(tmp=tmp, endpoints=endpoints, env=env)
 

@@ -156,3 +156,55 @@ def test_the_demo_needs_fewer_programs_than_the_suite(tmp_path: Path) -> None:
                            "--for", "demo"], env={"PATH": path}, capture_output=True, text=True,
                           timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def _fake_root_with_apt(tmp_path: Path, missing: tuple[str, ...], brings: str) -> tuple[str, Path]:
+    """PATH without ``missing``, an ``id`` that says root and an ``apt-get`` that records its
+    arguments and, on install, puts ``brings`` (program names) on PATH: the install step's
+    logic without touching the machine's packages."""
+    path = _path_without(tmp_path, *missing, "id")
+    bin_dir, calls = Path(path), tmp_path / "apt-calls"
+    bash = shutil.which("bash") or "/bin/bash"
+    (bin_dir / "id").write_text(f"#!{bash}\necho 0\n")
+    links = " ".join(f"{shutil.which('true')}:{bin_dir / name}" for name in brings.split())
+    (bin_dir / "apt-get").write_text(
+        f"#!{bash}\necho \"$*\" >> {calls}\n"
+        f"if [ \"$1\" = install ]; then for l in {links}; do {shutil.which('ln')} -s "
+        "\"${l%%:*}\" \"${l#*:}\"; done; fi\n")
+    for name in ("id", "apt-get"):
+        (bin_dir / name).chmod(0o755)
+    return path, calls
+
+
+def test_system_step_installs_what_is_missing_as_root_with_apt_get(tmp_path: Path) -> None:
+    """Root with apt-get: the README's command installs the missing packages itself (one
+    update, one install of exactly those), then finds the programs and goes on."""
+    path, calls = _fake_root_with_apt(tmp_path, ("promtool", "prometheus", "chromium"),
+                                      brings="promtool prometheus chromium")
+    done = subprocess.run([shutil.which("bash") or "bash", str(ROOT / "ops" / "system.sh")],
+                          env={"PATH": path}, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == \
+        (0, "installing from Debian's packages: prometheus chromium\n")
+    assert calls.read_text().splitlines() == \
+        ["update -qq", "install -y -qq --no-install-recommends prometheus chromium"]
+
+
+def test_system_step_says_what_apt_get_did_not_bring(tmp_path: Path) -> None:
+    path, calls = _fake_root_with_apt(tmp_path, ("redis-server", "tc"), brings="redis-server")
+    done = subprocess.run([shutil.which("bash") or "bash", str(ROOT / "ops" / "system.sh")],
+                          env={"PATH": path}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "still missing after apt-get install:\n" \
+           "missing programs; install these packages first: iproute2\n" in done.stderr
+    assert calls.read_text().splitlines()[1] == \
+        "install -y -qq --no-install-recommends redis-server iproute2"
+
+
+def test_the_test_command_starts_with_the_system_step() -> None:
+    """`.ci/run` is README's command and nothing else; that command installs first."""
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+          if ln and not ln.startswith(("#", "set ", "cd "))]
+    assert ci == ["exec bash ./ops/test.sh"]
+    steps = [ln for ln in (ROOT / "ops" / "test.sh").read_text().splitlines()
+             if ln and not ln.startswith(("#", "set ", "cd "))]
+    assert steps[0].startswith("bash ops/system.sh --for test")

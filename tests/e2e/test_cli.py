@@ -1,12 +1,17 @@
-"""The repoindex CLI against a real worker: every command, human and --json."""
+"""The repoindex CLI against a real worker: every command, human and --json. What a user
+types runs through the installed console script (``.venv/bin/repoindex``) in a process of
+its own, as the user runs it; the benchmark commands run in-process (CliRunner)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +19,25 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from devtools import devservices
+from devtools.devservices import free_port
 from devtools.launcher import WorkerProcess
 from tests import gitrepo
+from tests.conftest import SESSION
+
+ROOT = Path(__file__).parents[2]
+EXE = str(Path(sys.executable).parent / "repoindex")  # the console script pip installed
 
 
 def last_json(output: str) -> Any:
     return json.loads(output.strip().splitlines()[-1])
+
+
+def repoindex(*args: str, env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``repoindex ARGS`` as a user runs it, its stdout and stderr apart (not a terminal)."""
+    return subprocess.run([EXE, *args], env={**os.environ, **(env or {})}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -32,115 +50,191 @@ def cli_repo(roots: Path) -> Path:
 
 
 def test_enqueue_wait_status_repos_search(worker: WorkerProcess, cli_repo: Path) -> None:
-    runner = CliRunner()
-    out = runner.invoke(main, ["enqueue", str(cli_repo), "--name", "cli", "--wait", "--json"])
-    assert out.exit_code == 0, out.output
-    doc = last_json(out.output)
+    out = repoindex("enqueue", str(cli_repo), "--name", "cli", "--wait", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = last_json(out.stdout)
     assert doc["state"] == "SUCCESS" and doc["result"]["files"] == 2
-    status = runner.invoke(main, ["status", doc["id"], "--json"])
-    assert last_json(status.output) == {"id": doc["id"], "state": "SUCCESS",
-                                        "result": doc["result"]}
-    human = runner.invoke(main, ["status", doc["id"]])
-    assert f"{doc['id']} SUCCESS" in human.output
-    repos = last_json(runner.invoke(main, ["repos", "--json"]).output)
+    assert out.stderr.splitlines()[0] == doc["id"]  # --json: the id first, on stderr
+    status = repoindex("status", doc["id"], "--json")
+    assert (status.returncode, last_json(status.stdout)) == \
+        (0, {"id": doc["id"], "state": "SUCCESS", "result": doc["result"]})
+    human = repoindex("status", doc["id"])
+    assert human.stdout.startswith(f"{doc['id']} SUCCESS\n")
+    repos = last_json(repoindex("repos", "--json").stdout)
     cli = next(r for r in repos if r["name"] == "cli")
     assert cli["files"] == 2 and cli["source"] == str(cli_repo) and len(cli["commit"]) == 40
-    assert "cli\t2 files" in runner.invoke(main, ["repos"]).output
-    found = last_json(runner.invoke(main, ["search", "needle-in-cli", "--json"]).output)
+    assert "cli\t2 files" in repoindex("repos").stdout
+    found = last_json(repoindex("search", "needle-in-cli", "--json").stdout)
     assert [{k: m[k] for k in ("repo", "path", "line", "text")} for m in found] == \
         [{"repo": "cli", "path": "src/app.py", "line": 2, "text": "    return 'needle-in-cli'"}]
     assert (found[0]["column"], found[0]["cut"]) == (13, False)  # fields added, none renamed
-    plain = runner.invoke(main, ["search", "needle-in-.li", "--regex", "--repo", "cli"])
-    assert plain.output.strip() == "cli:src/app.py:2:     return 'needle-in-cli'"
-    bad = runner.invoke(main, ["search", "(", "--regex"])
-    assert bad.exit_code != 0 and "invalid regular expression" in bad.output
+    plain = repoindex("search", "needle-in-.li", "--regex", "--repo", "cli")
+    assert (plain.returncode, plain.stdout) == \
+        (0, "cli:src/app.py:2:     return 'needle-in-cli'\n")
+    assert repoindex("search", "no-such-needle-anywhere").returncode == 1
+    # README "Exit statuses": 2 for bad input, the reason said once
+    bad = repoindex("search", "(", "--regex")
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr == "Error: invalid regular expression: parentheses () not balanced\n"
 
 
-def test_enqueue_failure_and_no_wait(worker: WorkerProcess) -> None:
-    runner = CliRunner()
-    out = runner.invoke(main, ["enqueue", "/nope", "--wait", "--json"])
-    assert out.exit_code == 1
-    doc = last_json(out.output)
+def test_progress_off_a_terminal_is_plain_lines(worker: WorkerProcess, cli_repo: Path) -> None:
+    """Piped: the id, then one plain line per phase seen (no bar, no empty line), then
+    the summary; each line's done never exceeds its total (one backend read per look)."""
+    out = repoindex("enqueue", str(cli_repo), "--name", "cli-plain", "--wait")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[0]
+    assert out.stdout.startswith(f"{job_id}\n{job_id} SUCCESS\n{{")
+    for line in out.stderr.splitlines():
+        assert re.fullmatch(rf"{job_id}: (reading tree|reading blobs|storing|commit|indexing)"
+                            r" \((\d+)/(\d+)\)", line), out.stderr
+        done, total = map(int, re.findall(r"\d+", line.rsplit("(", 1)[1]))
+        assert done <= total, line
+
+
+def test_enqueue_failure_and_no_wait(worker: WorkerProcess, cli_repo: Path) -> None:
+    out = repoindex("enqueue", "/nope", "--wait", "--json")
+    assert out.returncode == 1
+    doc = last_json(out.stdout)
     assert doc["state"] == "FAILURE" and "outside the allowed roots" in doc["error"]
-    human = runner.invoke(main, ["enqueue", "/nope", "--wait"])
-    assert "FAILURE: source '/nope' is outside the allowed roots" in human.output
-    queued = last_json(runner.invoke(main, ["enqueue", "/nope", "--json"]).output)
-    assert queued["state"] == "PENDING" and len(queued["id"]) == 36
+    human = repoindex("enqueue", "/nope", "--wait")
+    assert "FAILURE: source '/nope' is outside the allowed roots" in human.stdout
+    queued = repoindex("enqueue", "/nope", "--json")
+    assert queued.returncode == 0
+    assert last_json(queued.stdout)["state"] == "PENDING"
+    assert len(last_json(queued.stdout)["id"]) == 36
+    # README: revision expressions are refused as `invalid ref`; a commit id is taken
+    expr = repoindex("enqueue", str(cli_repo), "--ref", "HEAD~50", "--wait")
+    assert expr.returncode == 1 and "FAILURE: invalid ref 'HEAD~50'" in expr.stdout
 
 
 def test_status_of_unknown_job_and_ledger_fallback(worker: WorkerProcess, db: Any) -> None:
-    runner = CliRunner()
-    out = runner.invoke(main, ["status", "no-such-job", "--json"])
-    assert out.exit_code == 2  # neither backend, ledger nor queue knows it
-    assert last_json(out.output) == {"id": "no-such-job", "state": "UNKNOWN"}
-    assert "UNKNOWN: no such job" in runner.invoke(main, ["status", "no-such-job"]).output
+    out = repoindex("status", "no-such-job", "--json")
+    assert out.returncode == 2  # neither backend, ledger nor queue knows it
+    assert last_json(out.stdout) == {"id": "no-such-job", "state": "UNKNOWN"}
+    assert "UNKNOWN: no such job" in repoindex("status", "no-such-job").stdout
     db.execute("INSERT INTO runs (job_id, task, attempt, state, error) VALUES"
                " ('expired-job', 'repoindex.index_repository', 1, 'failed', 'gone wrong')")
-    out = runner.invoke(main, ["status", "expired-job", "--json"])
-    assert out.exit_code == 1  # a failed job: as `enqueue --wait` says it
-    assert last_json(out.output) == {"id": "expired-job", "state": "FAILURE", "ledger": "failed",
+    out = repoindex("status", "expired-job", "--json")
+    assert out.returncode == 1  # a failed job: as `enqueue --wait` says it
+    assert last_json(out.stdout) == {"id": "expired-job", "state": "FAILURE", "ledger": "failed",
                                      "error": "gone wrong"}
+
+
+def test_unreachable_services_are_one_line_and_status_3(session_env: dict[str, str]) -> None:
+    """README "Exit statuses": 3, one line naming the scrubbed URL, for either service."""
+    dead = f"127.0.0.1:{free_port()}"
+    pg = repoindex("repos", env={"DATABASE_URL": f"postgresql://u:pw@{dead}/x"})
+    assert (pg.returncode, pg.stdout) == (3, "")
+    assert pg.stderr.startswith(f"repoindex: cannot reach PostgreSQL at postgresql://u:***@{dead}"
+                                "/x (connection failed: ") and pg.stderr.count("\n") == 1
+    assert "is DATABASE_URL right?" in pg.stderr and "pw" not in pg.stderr
+    missing_db = session_env["DATABASE_URL"].rsplit("/", 1)[0] + "/no_such_database_here"
+    gone = repoindex("search", "x", env={"DATABASE_URL": missing_db})
+    assert gone.returncode == 3 and 'database "no_such_database_here" does not exist' in gone.stderr
+    rd = repoindex("status", "some-id", env={"REDIS_URL": f"redis://:pw@{dead}/0"})
+    assert (rd.returncode, rd.stdout) == (3, "")
+    assert rd.stderr.startswith(f"repoindex: cannot reach Redis at redis://:***@{dead}/0 (")
 
 
 def test_enqueue_wait_with_no_worker_says_so_and_stops_at_timeout(
         session_env: dict[str, str], roots: Path) -> None:
     """Redis database 3 of the suite's private server: no worker consumes its queue."""
-    env = {**os.environ, **session_env,
-           "REDIS_URL": session_env["REDIS_URL"].rsplit("/", 1)[0] + "/3"}
-    cli = [sys.executable, "-m", "cli"]
-    root = Path(__file__).parents[2]
-    done = subprocess.run([*cli, "enqueue", str(roots / "anything"), "--wait", "--timeout", "6"],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=root)
+    env = {"REDIS_URL": session_env["REDIS_URL"].rsplit("/", 1)[0] + "/3"}
+    done = repoindex("enqueue", str(roots / "anything"), "--wait", "--timeout", "6", env=env)
     assert done.returncode == 5, done.stderr
     job_id = done.stdout.splitlines()[0]
     assert len(job_id) == 36 and done.stdout.count(job_id) == 2  # first line: the id alone
     assert "no worker is consuming queue 'celery' at redis://127.0.0.1:" in done.stderr
+    assert "(`repoindex worker`, README \"Running workers\")" in done.stderr
     assert f"not finished after 6s (still PENDING); it stays queued: `repoindex status " \
            f"{job_id}`" in done.stderr
-    later = subprocess.run([*cli, "status", job_id], env=env, capture_output=True, text=True,
-                           timeout=60, cwd=root)
+    later = repoindex("status", job_id, env=env)
     assert (later.returncode, later.stdout.strip()) == \
         (5, f"{job_id} PENDING: queued, no worker has taken it yet")
+    # Ctrl-C stops waiting, not the job: said how to look later, ended as by SIGINT
+    proc = subprocess.Popen([EXE, "enqueue", str(roots / "anything"), "--wait"],
+                            env={**os.environ, **env}, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout is not None
+    interrupted_id = proc.stdout.readline().strip()  # the id comes first, at once
+    time.sleep(1)  # waiting now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (-signal.SIGINT, "")
+    assert f"stopped waiting; job {interrupted_id} goes on (it is durable): `repoindex " \
+           f"status {interrupted_id}` tells later" in err
+    assert repoindex("status", interrupted_id, env=env).returncode == 5
 
 
-def test_delete_and_migrate(worker: WorkerProcess, cli_repo: Path) -> None:
-    runner = CliRunner()
-    runner.invoke(main, ["enqueue", str(cli_repo), "--name", "to-delete", "--wait"])
-    out = runner.invoke(main, ["delete", "to-delete", "--json"])
-    assert out.exit_code == 0 and last_json(out.output)["result"]["deleted"] is True
-    again = runner.invoke(main, ["delete", "to-delete"])
-    assert again.exit_code == 1
-    assert again.output.strip() == "repository 'to-delete' does not exist; nothing deleted"
-    assert "schema is current" in runner.invoke(main, ["migrate"]).output
+def test_delete_and_migrate(worker: WorkerProcess, cli_repo: Path, db: Any) -> None:
+    assert repoindex("enqueue", str(cli_repo), "--name", "to-delete", "--wait").returncode == 0
+    out = repoindex("delete", "to-delete", "--json")
+    assert out.returncode == 0 and last_json(out.stdout)["result"]["deleted"] is True
+    again = repoindex("delete", "to-delete")
+    assert (again.returncode, again.stdout) == \
+        (1, "repository 'to-delete' does not exist; nothing deleted\n")
+    assert repoindex("migrate").stdout == "applied: nothing, schema is current\n"
+    # a fresh database: the command lists what it applied (its connection does not migrate
+    # first and then find nothing to do)
+    admin = SESSION["endpoints"].admin_url
+    name = f"fresh_{uuid.uuid4().hex[:8]}"
+    fresh = devservices.create_database(admin, name)
+    try:
+        first = repoindex("migrate", env={"DATABASE_URL": fresh})
+        migrations = sorted(p.stem for p in (ROOT / "ops" / "migrations").glob("[0-9]*.sql"))
+        assert (first.returncode, first.stdout) == (0, f"applied: {', '.join(migrations)}\n")
+        assert repoindex("migrate", env={"DATABASE_URL": fresh}).stdout == \
+            "applied: nothing, schema is current\n"
+    finally:
+        devservices.drop_database(admin, name)
 
 
 def test_demo_runs_end_to_end(session_env: dict[str, str], tmp_path: Path) -> None:
-    """The quick start's main job, as a user runs it (services from the environment)."""
+    """The quick start's main job, as a user runs it (services from the environment), off a
+    terminal: the report's lines as README shows them, no empty line where a bar would be,
+    and search hits where code uses ResourceManager, not text quoting a search for it."""
     # Redis database 1: the demo's jobs must reach the demo's workers, not the shared one.
-    redis_url = session_env["REDIS_URL"].rsplit("/", 1)[0] + "/1"
-    env = {**os.environ, **session_env, "REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "cli", "demo", "--json"], env=env,
-                         capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).parents[2])
+    env = {"REDIS_URL": session_env["REDIS_URL"].rsplit("/", 1)[0] + "/1",
+           "TMPDIR": str(tmp_path)}
+    out = repoindex("demo", env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = last_json(out.stdout)
+    lines = out.stdout.splitlines()
+    assert "" not in lines, out.stdout
+    heads = [ln for ln in lines if not ln.startswith("  ")]
+    starts = ["redis: ", "workers: ", "indexing ", "state: SUCCESS in ",
+              "summary: repository=demo, ", "workers stopped with exit codes [0, 0]", "cleanup: "]
+    assert len(heads) == len(starts) and all(map(str.startswith, heads, starts)), heads
+    hits = [ln for ln in lines if ln.startswith("  demo:")]
+    assert hits and all(re.fullmatch(r"  demo:\S+\.py:\d+: (from \S+ import|class) "
+                                     r"ResourceManager.*", h) for h in hits), hits
+    assert re.fullmatch(r"cleanup: op=\S+ repo=demo outcome=succeeded files=0 connections=\d "
+                        r"temp=\d processes=\d threads=\d tasks=0 failures=0 ms=\d+\.\d",
+                        lines[-1]), lines[-1]
+    for line in out.stderr.splitlines():  # plain progress lines
+        assert re.fullmatch(r"\S+: (reading tree|reading blobs|storing|commit|indexing) "
+                            r"\(\d+/\d+\)", line), out.stderr
+    report = last_json(repoindex("demo", "--json", env=env, timeout=300).stdout)
     assert report["ok"] and report["exit_codes"] == [0, 0]
     assert report["job"]["result"]["files"] > 20
-    assert any("ResourceManager" in m["text"] for m in report["matches"])
 
 
 def test_worker_command_execs_celery(session_env: dict[str, str], tmp_path: Path) -> None:
-    exe = shutil.which("repoindex") or str(Path(sys.executable).parent / "repoindex")
+    """`repoindex worker` is Celery's worker; a clean start sweeps nothing and says so
+    (its own stats directory is not a dead process's temp area)."""
     log = tmp_path / "w.log"
-    proc = WorkerProcess({**os.environ, **session_env}, name="cliworker", log_path=log,
-                         concurrency=1)
-    proc.argv = [exe, "worker", "--pool", "prefork", "-c", "1", "-n", "cliworker@%h",
-                 "--without-mingle", "--without-gossip"]
+    temp = tmp_path / "temp"
+    proc = WorkerProcess({**os.environ, **session_env, "REPOINDEX_TEMP_DIR": str(temp)},
+                         name="cliworker", log_path=log, concurrency=2)
+    proc.argv = [EXE, "worker", "--pool", "prefork", "-c", "2", "-n", "cliworker@%h",
+                 "--without-mingle", "--without-gossip", "-Q", f"cli-{uuid.uuid4().hex[:6]}"]
     proc.start()
+    assert [p.name for p in temp.iterdir()] == [f"stats-{proc.pid}"]
     assert proc.stop() == 0
-    assert "cliworker@" in log.read_text()
-
-
+    text = log.read_text()
+    assert "cliworker@" in text and " ready." in text
+    assert "swept" not in text and " WARNING " not in text.split(" ready.", 1)[0], text
 def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Small runs of both benchmarks, in a database of their own (the figures are not

@@ -63,10 +63,16 @@ def test_scenario2_failure_releases_everything(lifecycle_worker: WorkerProcess, 
     for state in inside_states(celery_app, lifecycle_worker).values():
         assert state["pool"]["checked_out"] == 0
         assert state["leaks"] == {}
-    line = next(ln for ln in lifecycle_worker.log().splitlines()
-                if f"operation failed op={res.id}" in ln)
-    assert re.search(r"cleanup op=\S+ repo=- outcome=failed files=5 connections=1 temp=3 "
-                     r"processes=1 threads=1 tasks=0 failures=0", line), line
+    lines = [ln for ln in lifecycle_worker.log().splitlines() if f"op={res.id} " in ln]
+    failed = next(ln for ln in lines if "operation failed error=" in ln)
+    # job and repository named once, by the cleanup report; not repeated at the end
+    assert re.search(r"ERROR .*: operation failed error=.*injected failure at end.*; "
+                     rf"cleanup op={res.id} repo=- outcome=failed files=5 connections=1 temp=3 "
+                     r"processes=1 threads=1 tasks=0 failures=0 ms=\d+\.\d$", failed), failed
+    cleanup = next(ln for ln in lines if "repoindex.cleanup: cleanup op=" in ln)
+    assert re.search(rf"repoindex.cleanup: cleanup op={res.id} repo=- outcome=failed .* "
+                     r"failures=0 ms=\d+\.\d$", cleanup), cleanup
+    assert all(ln.count("job=") == 0 and ln.count("op=") == 1 for ln in (failed, cleanup))
     ledger = db.execute("SELECT state, error, cleanup FROM runs WHERE job_id = %s",
                         (res.id,)).fetchone()
     assert ledger is not None

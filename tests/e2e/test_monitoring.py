@@ -31,6 +31,7 @@ from tests.e2e.support import send, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from cli import main; main()"]
+EXE = str(Path(sys.executable).parent / "repoindex")  # the console script, as a user runs it
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -174,9 +175,12 @@ def test_a_leak_shows_in_metrics_stats_flower_sentry_and_fires_its_alert(
     children = doc["children"]
     assert {c["pid"] for c in children} == set(worker.children())
     assert all(c["fds"] > 0 and c["rss"] > c["uss"] > 0 and c["threads"] > 0 for c in children)
-    table = subprocess.run([*CLI, "stats"], capture_output=True, text=True, timeout=60,
-                           check=True, env={**os.environ, "COLUMNS": "250"}).stdout
+    # piped, as a user's `repoindex stats | grep`: full width, nothing cut to 80 columns
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    table = subprocess.run([EXE, "stats"], capture_output=True, text=True, timeout=60,
+                           check=True, env=env).stdout
     assert "fd=1" in table and str(children[0]["pid"]) in table
+    assert worker.node in table and "…" not in table
 
     # Flower: no login, no API; with it, the worker page's stats hold the leak
     assert flower_get(flower, "/api/workers", None)[0] == 401
@@ -227,7 +231,7 @@ def assert_alert_fires(tmp_path: Path, series: str, values: str, alert: str,
 def test_stats_watch_refreshes_until_interrupted(monitored: tuple[WorkerProcess, int]) -> None:
     """Off a terminal: one whole, uncut table per refresh; Ctrl-C ends it with status 0."""
     worker, _ = monitored
-    proc = subprocess.Popen([*CLI, "stats", "--watch", "0.3"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([EXE, "stats", "--watch", "0.3"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout is not None
     seen: list[str] = []

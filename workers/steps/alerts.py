@@ -19,6 +19,8 @@ class Alerts(Step):
         if ledger.state_of(error) == "failed":
             alerts.report_failure(op.task, op.job_id, error)
         report = op.report
-        log.error("operation %s op=%s repo=%s error=%s; %s", op.outcome, op.job_id,
-                  op.repo or "-", ledger.error_text(error),
-                  report.line() if report else "no scope")
+        # The line names the job and repository once: in its cleanup report (``cleanup
+        # op=... repo=...``), or itself when there is none; the log context is not repeated.
+        where = report.line() if report else f"op={op.job_id} repo={op.repo or '-'} no scope"
+        log.error("operation %s error=%s; %s", op.outcome, ledger.error_text(error), where,
+                  extra={"names_context": True})
