@@ -50,7 +50,7 @@ def bench_reindex(sizes: Sequence[int], runs: int, echo: Callable[[str], None]
             index(make_repo(ws.tmp / "warm", 20), "warm")
             for files in sizes:
                 echo(f"generating a {files}-file repository …")
-                repo = make_repo(ws.tmp / f"repo{files}", files)
+                repo = make_repo(ws.tmp / f"repo{files}", files, packed=True)
                 reset(ws.endpoints.database_url)
                 floor = floor_index(ws.endpoints.database_url, repo)
                 reset(ws.endpoints.database_url)
