@@ -113,7 +113,7 @@ _INSERT = ("INSERT INTO files (repo_id, path, sha, mode, size, language, kind, t
            " FROM tree t LEFT JOIN blobs b ON t.kind = 'blob' AND b.sha = t.sha"
            " LEFT JOIN new_links l ON t.kind = 'symlink' AND l.sha = t.sha"
            " WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s"
-           "   AND f.path = t.path) RETURNING kind, sha")
+           "   AND f.path = t.path)")
 
 
 def _counted(conn: Conn, modify: str, params: dict[str, Any]) -> list[int]:
@@ -140,7 +140,7 @@ def apply(conn: Conn, repo_id: int, commit: str, job_id: str, decided: dict[str,
     removed = conn.execute(
         "DELETE FROM files f WHERE f.repo_id = %(repo)s AND NOT EXISTS (SELECT 1 FROM tree t"
         " WHERE " + _SAME.format(f="f", t="t") + ")", {"repo": repo_id}).rowcount
-    written = _counted(conn, _INSERT, {"repo": repo_id})[0]
+    written = conn.execute(_INSERT, {"repo": repo_id}).rowcount
     total, *kept = _counted(conn, "SELECT kind, sha FROM files WHERE repo_id = %(repo)s",
                             {"repo": repo_id})
     return _finish(conn, repo_id, commit, job_id, decided, total=total, written=written,
@@ -156,7 +156,7 @@ def apply_changes(conn: Conn, repo_id: int, commit: str, job_id: str, decided: d
     gone = _counted(conn, "DELETE FROM files WHERE repo_id = %(repo)s"
                           " AND path = ANY(%(paths)s::text[]) RETURNING kind, sha",
                     {"repo": repo_id, "paths": paths})
-    new = _counted(conn, _INSERT, {"repo": repo_id})
+    new = _counted(conn, _INSERT + " RETURNING kind, sha", {"repo": repo_id})
     was = [before["files"], *(before["skipped"][k] for k in SKIP_KINDS), before["not_utf8"]]
     total, *kept = (w - g + n for w, g, n in zip(was, gone, new, strict=True))
     return _finish(conn, repo_id, commit, job_id, decided, total=total, written=new[0],
