@@ -86,10 +86,13 @@ def migrated(database_url: str) -> None:
         migrate(conn)
 
 
-def make_repo(path: Path, files: int, seed: str = "") -> Path:
+def make_repo(path: Path, files: int, seed: str = "", *, packed: bool = False) -> Path:
     """``files`` source-like files of 0.5 to 3 KiB in nested folders, committed; repositories
-    of different ``seed`` share no blob."""
+    of different ``seed`` share no blob. Git's automatic gc is off (it would pack the
+    objects in the background while a benchmark measures); ``packed`` packs them first,
+    as a clone or a repository git has gc'd holds them."""
     subprocess.run([*GIT, "init", "-q", str(path)], check=True)
+    subprocess.run([*GIT, "-C", str(path), "config", "gc.auto", "0"], check=True)
     for i in range(files):
         target = path / f"pkg{i % 20}" / f"mod{i % 13}" / f"file_{i}.py"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +101,8 @@ def make_repo(path: Path, files: int, seed: str = "") -> Path:
         target.write_text(f"# generated file {i}{seed}\n{body}")
     subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
     subprocess.run([*GIT, "-C", str(path), "commit", "-qm", "bench"], check=True)
+    if packed:
+        subprocess.run([*GIT, "-C", str(path), "gc", "--quiet"], check=True)
     return path
 
 

@@ -35,6 +35,35 @@ def bench_index_cmd(files: int, runs: int, json_out: str | None) -> None:
     write_json(json_out, doc)
 
 
+@bench.command("reindex")
+@click.option("--sizes", default="10000,100000,200000", show_default=True,
+              help="Repository sizes (files), side by side in one run.")
+@click.option("--runs", default=5, show_default=True, help="Re-indexes of each kind (medians).")
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_reindex_cmd(sizes: str, runs: int, json_out: str | None) -> None:
+    """Full index vs floor, no-change, 3-file and 1 % re-index at each size (real worker)."""
+    from bench.common import write_json
+    from bench.reindex import bench_reindex
+
+    doc = bench_reindex([int(n) for n in sizes.split(",")], runs, click.echo)
+    click.echo("| files | full index / floor (ratio) | no-change | 3-file change |"
+               " 1 % change | each further changed file |")
+    click.echo("|---|---|---|---|---|---|")
+    for files, row in doc["results"].items():
+        one = row["1 %"]
+        click.echo(f"| {files} | {row['full']:.2f} s / {row['floor']:.2f} s"
+                   f" ({row['ratio']:.2f}) | {row['nochange']['median'] * 1000:.1f} ms |"
+                   f" {row['3 files']['median'] * 1000:.1f} ms |"
+                   f" {one['median'] * 1000:.0f} ms ({one['changed']} files) |"
+                   f" {row['per_changed_file_s'] * 1000:.3f} ms |")
+    s = doc["slope"]
+    click.echo(f"change time = {s['fixed_s'] * 1000:.1f} ms + {s['per_changed_file_s'] * 1000:.3f}"
+               f" ms per changed file (least squares over every size); a 3-file change grows"
+               f" {s['three_files_per_100k_repo_files_s'] * 1000:.1f} ms per 100,000 files"
+               " of repository")
+    write_json(json_out, doc)
+
+
 @bench.command("search")
 @click.option("--source", default=".", show_default=True, help="A git repository to search.")
 @click.option("--copies", default=10, show_default=True, help="Corpus size of the growth run.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 
 from identify.identify import tags_from_filename
 
@@ -12,6 +13,19 @@ BINARY_PROBE = 8000  # git's heuristic: a NUL in the first 8000 bytes means bina
 _GENERIC = frozenset({"text", "binary", "plain-text", "header", "image", "executable",
                       "non-executable", "file", "directory", "symlink", "socket", "archive",
                       "audio", "video", "font"})
+
+
+# Bump when a file's row is decided differently (its language, its kind, the path and
+# symlink limits of tasks.indexer.tree_rows): a repository indexed under another version
+# is re-read in full, never kept or patched by the delta path (tasks.reindex).
+RULES = 1
+
+
+@lru_cache(maxsize=1)
+def version() -> str:
+    """What decides a file's row besides the settings: our rules and identify's version
+    (its table maps names to languages)."""
+    return f"{RULES}/identify-{metadata.version('identify')}"
 
 
 @dataclass(frozen=True)

@@ -188,16 +188,20 @@ def _check_links(inside: _Roots, top: Path) -> None:
             continue
         seen.add(directory)
         try:
-            entries = list(os.scandir(directory))
+            with os.scandir(directory) as entries:
+                # a Path only for what needs one: a repository with all its objects loose
+                # has one entry per object, and this walk runs on every operation
+                found = [(e.path, e.is_symlink()) for e in entries
+                         if e.is_symlink() or e.is_dir(follow_symlinks=False)]
         except (NotADirectoryError, FileNotFoundError):
             continue
-        for entry in entries:
-            path = Path(entry.path)
-            if entry.is_symlink():
+        for raw, link in found:
+            path = Path(raw)
+            if link:
                 real = inside.check(path, os.path.relpath(path, inside.source))
                 if real.is_dir():
                     todo.append(real)
-            elif entry.is_dir(follow_symlinks=False):
+            else:
                 todo.append(path)
 
 

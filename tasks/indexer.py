@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tasks import store
+from tasks import gitdiff, reindex, store
 from tasks.classify import classify, decode_path, language
 from tasks.git import MODE_SUBMODULE, MODE_SYMLINK, SYMLINK_MAX, Git, TreeEntry, git_env
 from tasks.validate import IndexArgs
@@ -69,56 +69,82 @@ def open_source(rm: ResourceManager, args: IndexArgs, settings: Settings) -> Git
 
 def index_repository(rm: ResourceManager, settings: Settings, args: IndexArgs, *,
                      job_id: str, progress: Progress = _no_progress) -> dict[str, Any]:
-    """Index ``args.source`` at ``args.ref`` under ``args.name``; returns the run summary."""
+    """Index ``args.source`` at ``args.ref`` under ``args.name``; returns the run summary:
+    the counts, and which way it went (``strategy``, ``reason``: tasks.reindex)."""
     started = time.perf_counter()
     rm.repo = args.name
     logs.bind(repo=args.name)
     git = open_source(rm, args, settings)
     commit = git.resolve(args.ref)
+    source, now = scrub(args.source.text), reindex.decided(settings)
     conn = rm.connection()
+    read = read_bytes = 0
     with conn.transaction():
         store.lock_repository(conn, args.name)
         store.lock_blobs(conn, exclusive=False)
-        repo_id = store.upsert_repository(conn, args.name, scrub(args.source.text), args.ref)
-        progress(0, 0, "reading tree")  # the total is known once the tree has been read
-        entries = store.load_tree(conn, tree_rows(git.ls_tree(commit),
-                                                  max_files=settings.max_files,
-                                                  max_bytes=settings.max_file_bytes))
-        progress(entries, entries, "reading tree")
-        wanted = store.to_read(conn, repo_id)
-        kinds, read = dict(wanted), len(wanted)
-        read_bytes = 0
-        progress(0, len(wanted), "reading blobs")
-        with store.blob_sink(conn) as sink:
-            blobs = git.read_blobs((s for s, _ in wanted),
-                                   max_bytes=max(settings.max_file_bytes, SYMLINK_MAX))
-            for done, (sha, data) in enumerate(blobs, start=1):
-                read_bytes += len(data)
-                if kinds[sha] == "symlink":
-                    sink.link(sha, decode_path(data))
-                else:
-                    sink.blob(sha, len(data), classify(data))
-                progress(done, len(wanted), "reading blobs")
-        progress(0, entries, "storing")
-        # a stale attempt (judged lost while cut off, or older than the stored index)
-        # must not write over newer work: refused here, so the transaction rolls back
-        ledger.fence(conn, repository=args.name, commit=commit)
-        counts = store.apply(conn, repo_id, commit, job_id)
-        progress(entries, entries, "storing")
-        progress(0, 1, "commit")
-    progress(1, 1, "commit")
+        before = store.stored(conn, args.name)
+        repo_id = store.upsert_repository(conn, args.name, source, args.ref)
+        plan = reindex.plan(git, before, commit, source, now)
+        if plan.strategy == reindex.UNCHANGED:
+            assert before is not None
+            ledger.fence(conn, repository=args.name, commit=commit)  # see below
+            counts = store.touch(conn, repo_id, job_id, before)
+        else:
+            changes = (gitdiff.changes(git, before["commit"], commit)
+                       if plan.strategy == reindex.DELTA and before else None)
+            progress(0, 0, "reading tree")  # the total is known once the tree has been read
+            entries = store.load_tree(conn, tree_rows(
+                git.ls_tree(commit) if changes is None else iter(changes.added),
+                max_files=settings.max_files, max_bytes=settings.max_file_bytes))
+            progress(entries, entries, "reading tree")
+            read, read_bytes = _read_blobs(conn, git, repo_id, settings, progress)
+            progress(0, entries, "storing")
+            # a stale attempt (judged lost while cut off, or older than the stored index)
+            # must not write over newer work: refused here, so the transaction rolls back
+            ledger.fence(conn, repository=args.name, commit=commit)
+            if changes is None:
+                counts = store.apply(conn, repo_id, commit, job_id, now)
+            else:
+                assert before is not None
+                counts = store.apply_changes(conn, repo_id, commit, job_id, now,
+                                             [decode_path(p) for p in changes.paths], before)
+                if counts["files"] > settings.max_files:  # as the full path would refuse it
+                    raise LimitExceeded(f"repository has more than {settings.max_files} "
+                                        "files (REPOINDEX_MAX_FILES)")
+            progress(entries, entries, "storing")
+            progress(0, 1, "commit")
     changed = counts["indexed"] + counts["removed"]
-    progress(0, changed, "indexing")  # planner statistics and the trigram index's backlog
-    if changed:
-        store.keep_statistics(conn, changed + read)
-    if read:
-        store.flush_search_index(conn)
-    progress(changed, changed, "indexing")
+    if plan.strategy != reindex.UNCHANGED:
+        progress(1, 1, "commit")
+        progress(0, changed, "indexing")  # planner statistics and the trigram index's backlog
+        if changed:
+            store.keep_statistics(conn, changed + read)
+        if read:
+            store.flush_search_index(conn)
+        progress(changed, changed, "indexing")
     rm.release(conn)
-    del wanted, kinds  # the per-run lists go now; the lifecycle collects and trims after
     return {"repository": args.name, "commit": commit, **counts, "read": read,
-            "bytes": read_bytes, "seconds": round(time.perf_counter() - started, 3),
-            "git_peak_rss": git_peak_rss()}
+            "bytes": read_bytes, "strategy": plan.strategy, "reason": plan.reason,
+            "seconds": round(time.perf_counter() - started, 3), "git_peak_rss": git_peak_rss()}
+
+
+def _read_blobs(conn: store.Conn, git: Git, repo_id: int, settings: Settings,
+                progress: Progress) -> tuple[int, int]:
+    """Read the blobs ``tree`` needs into the blob sink; (blobs read, bytes read)."""
+    wanted = store.to_read(conn, repo_id)
+    kinds, read_bytes = dict(wanted), 0
+    progress(0, len(wanted), "reading blobs")
+    with store.blob_sink(conn) as sink:
+        blobs = git.read_blobs((s for s, _ in wanted),
+                               max_bytes=max(settings.max_file_bytes, SYMLINK_MAX))
+        for done, (sha, data) in enumerate(blobs, start=1):
+            read_bytes += len(data)
+            if kinds[sha] == "symlink":
+                sink.link(sha, decode_path(data))
+            else:
+                sink.blob(sha, len(data), classify(data))
+            progress(done, len(wanted), "reading blobs")
+    return len(wanted), read_bytes  # the per-run lists go now; the lifecycle trims after
 
 
 def git_peak_rss() -> int:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from tasks.classify import Content
 
@@ -54,8 +55,14 @@ def load_tree(conn: Conn, rows: Iterable[tuple[str, str, int, int | None, str | 
     return count
 
 
-_UNCHANGED = ("EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s AND f.path = t.path"
-              " AND f.sha = t.sha AND f.mode = t.mode)")
+# A stored row is kept when the tree holds the same path, id and mode decided the same way
+# (language, and kind: ``blob`` is stored as text or binary): after a change of the size
+# limit or the classifier, the rows it decides differently are written again.
+_SAME = ("{f}.path = {t}.path AND {f}.sha = {t}.sha AND {f}.mode = {t}.mode"
+         " AND {f}.language IS NOT DISTINCT FROM {t}.language AND ({f}.kind = {t}.kind"
+         " OR ({t}.kind = 'blob' AND {f}.kind IN ('text', 'binary')))")
+_UNCHANGED = ("EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s AND "
+              + _SAME.format(f="f", t="t") + ")")
 
 
 def to_read(conn: Conn, repo_id: int) -> list[tuple[str, str]]:
@@ -93,36 +100,88 @@ class BlobSink:
         self._links.append((sha, target))
 
 
-def apply(conn: Conn, repo_id: int, commit: str, job_id: str) -> dict[str, Any]:
+# the counts of a set of files rows ``x`` (kind, sha): rows, each skip reason, not UTF-8
+_COUNTS = ("SELECT count(*), count(*) FILTER (WHERE x.kind = 'binary'),"
+           " count(*) FILTER (WHERE x.kind = 'too_large'),"
+           " count(*) FILTER (WHERE x.kind = 'symlink'),"
+           " count(*) FILTER (WHERE x.kind = 'submodule'), count(*) FILTER (WHERE b.lossy)"
+           " FROM x LEFT JOIN blobs b ON x.kind = 'text' AND b.sha = x.sha")
+_INSERT = ("INSERT INTO files (repo_id, path, sha, mode, size, language, kind, target)"
+           " SELECT %(repo)s, t.path, t.sha, t.mode, t.size, t.language,"
+           "   CASE WHEN t.kind <> 'blob' THEN t.kind WHEN b.is_binary THEN 'binary'"
+           "   ELSE 'text' END, l.target"
+           " FROM tree t LEFT JOIN blobs b ON t.kind = 'blob' AND b.sha = t.sha"
+           " LEFT JOIN new_links l ON t.kind = 'symlink' AND l.sha = t.sha"
+           " WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s"
+           "   AND f.path = t.path)")
+
+
+def _counted(conn: Conn, modify: str, params: dict[str, Any]) -> list[int]:
+    row = conn.execute(f"WITH x AS ({modify}) {_COUNTS}", params).fetchone()
+    assert row is not None
+    return [int(v) for v in row]
+
+
+def stored(conn: Conn, name: str) -> dict[str, Any] | None:
+    """What the index of ``name`` holds and what decided it, or None (never indexed)."""
+    row = conn.execute(
+        "SELECT source, commit, files, max_file_bytes, max_files, classifier, skipped,"
+        " not_utf8 FROM repositories WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        return None
+    return dict(zip(("source", "commit", "files", "max_file_bytes", "max_files", "classifier",
+                     "skipped", "not_utf8"), row, strict=True))
+
+
+def apply(conn: Conn, repo_id: int, commit: str, job_id: str, decided: dict[str, Any]
+          ) -> dict[str, Any]:
     """Make ``files`` of the repository equal ``tree``; return the counts of the run."""
     conn.execute("INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING")
     removed = conn.execute(
         "DELETE FROM files f WHERE f.repo_id = %(repo)s AND NOT EXISTS (SELECT 1 FROM tree t"
-        " WHERE t.path = f.path AND t.sha = f.sha AND t.mode = f.mode)", {"repo": repo_id}
-    ).rowcount
-    written = conn.execute(
-        "INSERT INTO files (repo_id, path, sha, mode, size, language, kind, target)"
-        " SELECT %(repo)s, t.path, t.sha, t.mode, t.size, t.language,"
-        "   CASE WHEN t.kind <> 'blob' THEN t.kind WHEN b.is_binary THEN 'binary' ELSE 'text' END,"
-        "   l.target"
-        " FROM tree t LEFT JOIN blobs b ON t.kind = 'blob' AND b.sha = t.sha"
-        " LEFT JOIN new_links l ON t.kind = 'symlink' AND l.sha = t.sha"
-        " WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.repo_id = %(repo)s AND f.path = t.path)",
-        {"repo": repo_id}).rowcount
-    row = conn.execute(
-        "SELECT count(*), count(*) FILTER (WHERE f.kind = 'binary'),"
-        " count(*) FILTER (WHERE f.kind = 'too_large'), count(*) FILTER (WHERE f.kind = 'symlink'),"
-        " count(*) FILTER (WHERE f.kind = 'submodule'), count(*) FILTER (WHERE b.lossy)"
-        " FROM files f LEFT JOIN blobs b ON f.kind = 'text' AND b.sha = f.sha"
-        " WHERE f.repo_id = %s", (repo_id,)).fetchone()
-    assert row is not None
-    total = int(row[0])
+        " WHERE " + _SAME.format(f="f", t="t") + ")", {"repo": repo_id}).rowcount
+    written = conn.execute(_INSERT, {"repo": repo_id}).rowcount
+    total, *kept = _counted(conn, "SELECT kind, sha FROM files WHERE repo_id = %(repo)s",
+                            {"repo": repo_id})
+    return _finish(conn, repo_id, commit, job_id, decided, total=total, written=written,
+                   removed=removed, kept=kept)
+
+
+def apply_changes(conn: Conn, repo_id: int, commit: str, job_id: str, decided: dict[str, Any],
+                  paths: list[str], before: dict[str, Any]) -> dict[str, Any]:
+    """Drop the rows at ``paths`` and add ``tree`` (the new side of those paths): the index
+    of ``before['commit']`` becomes that of ``commit``. The counts are today's counts of
+    the whole repository, kept up to date from the rows dropped and added."""
+    conn.execute("INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING")
+    gone = _counted(conn, "DELETE FROM files WHERE repo_id = %(repo)s"
+                          " AND path = ANY(%(paths)s::text[]) RETURNING kind, sha",
+                    {"repo": repo_id, "paths": paths})
+    new = _counted(conn, _INSERT + " RETURNING kind, sha", {"repo": repo_id})
+    was = [before["files"], *(before["skipped"][k] for k in SKIP_KINDS), before["not_utf8"]]
+    total, *kept = (w - g + n for w, g, n in zip(was, gone, new, strict=True))
+    return _finish(conn, repo_id, commit, job_id, decided, total=total, written=new[0],
+                   removed=gone[0], kept=kept)
+
+
+def _finish(conn: Conn, repo_id: int, commit: str, job_id: str, decided: dict[str, Any], *,
+            total: int, written: int, removed: int, kept: list[int]) -> dict[str, Any]:
+    skipped = dict(zip(SKIP_KINDS, kept[:4], strict=True))
     conn.execute("UPDATE repositories SET commit = %s, files = %s, indexed_at = now(),"
-                 " last_job_id = %s WHERE id = %s", (commit, total, job_id, repo_id))
+                 " last_job_id = %s, max_file_bytes = %s, max_files = %s, classifier = %s,"
+                 " skipped = %s, not_utf8 = %s WHERE id = %s",
+                 (commit, total, job_id, decided["max_file_bytes"], decided["max_files"],
+                  decided["classifier"], Jsonb(skipped), kept[4], repo_id))
     return {"files": total, "indexed": written, "removed": removed,
-            "unchanged": total - written,
-            "skipped": dict(zip(SKIP_KINDS, (int(v) for v in row[1:5]), strict=True)),
-            "not_utf8": int(row[5])}
+            "unchanged": total - written, "skipped": skipped, "not_utf8": kept[4]}
+
+
+def touch(conn: Conn, repo_id: int, job_id: str, before: dict[str, Any]) -> dict[str, Any]:
+    """Nothing to do: the stored index is the commit's; only the run is recorded."""
+    conn.execute("UPDATE repositories SET indexed_at = now(), last_job_id = %s WHERE id = %s",
+                 (job_id, repo_id))
+    return {"files": before["files"], "indexed": 0, "removed": 0, "unchanged": before["files"],
+            "skipped": {k: int(before["skipped"][k]) for k in SKIP_KINDS},
+            "not_utf8": before["not_utf8"]}
 
 
 def delete_repository(conn: Conn, name: str) -> dict[str, Any]:

@@ -248,6 +248,13 @@ def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
     assert "ratio ours/floor" in out.output
     doc = json.loads((tmp_path / "i.json").read_text())
     assert doc["files"] == 40 and len(doc["samples"]["ours"]) == 1
+    out = runner.invoke(main, ["bench", "reindex", "--sizes", "60,120", "--runs", "1",
+                               "--json-out", str(tmp_path / "r.json")])
+    assert out.exit_code == 0, out.output
+    assert "| 120 |" in out.output and "per changed file" in out.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["nochange"]["strategy"], r["3 files"]["strategy"], r["1 %"]["changed"])
+            for r in doc["results"].values()] == [(["unchanged"], ["delta"], 1)] * 2
     out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2"])
     assert out.exit_code == 0, out.output
     assert "| overhead" in out.output
