@@ -243,10 +243,11 @@ def test_sessions_fail_fast_on_a_half_open_link(db: psycopg.Connection[Any]) -> 
 
 
 def test_pool_check_asks_the_server_only_when_it_spoke(db: psycopg.Connection[Any]) -> None:
-    """A checkout of a healthy idle connection costs no round trip (the server's record of
-    its last statement is unchanged); one whose backend was terminated is found out and
-    replaced before it is handed out, so the caller's first statement works."""
-    from workers.db import check_idle
+    """A checkout of a connection returned within RECENT_SECONDS costs no round trip (the
+    server's record of its last statement is unchanged); one back in the pool longer is
+    asked; a recent one whose backend was terminated is found out and replaced before it
+    is handed out, so the caller's first statement works."""
+    from workers.db import RECENT_SECONDS, check_idle
 
     pool = Database(Settings.from_env({"DATABASE_URL": db.info.dsn,
                                        "REPOINDEX_DB_POOL_MIN": "1",
@@ -263,7 +264,14 @@ def test_pool_check_asks_the_server_only_when_it_spoke(db: psycopg.Connection[An
             with pool.connection() as conn:
                 assert conn.info.backend_pid == pid
         assert db.execute(last, (pid,)).fetchone() == before
+        time.sleep(RECENT_SECONDS + 0.1)  # back in the pool a while: it is asked
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == pid
+        asked = db.execute(last, (pid,)).fetchone()
+        assert asked is not None and asked[0] == "" and asked[1] > before[1]
 
+        with pool.connection() as conn:
+            pass  # returned just now again
         db.execute("SELECT pg_terminate_backend(%s)", (pid,))
         time.sleep(0.2)  # the FATAL and the EOF reach the idle socket
         with pool.connection() as conn:

@@ -109,6 +109,7 @@ class _Pool(ConnectionPool[Any]):
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
         with self._count_lock:
             self.checked_out -= 1
+        conn.returned_at = time.monotonic()  # type: ignore[attr-defined]  # see check_idle
         super().putconn(conn)
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
@@ -204,18 +205,28 @@ class Database:
             yield conn
 
 
+RECENT_SECONDS = 1.0  # a connection returned this recently is taken on its socket's word
+
+
 def check_idle(conn: psycopg.Connection[Any]) -> None:
     """The pool's check of a connection it hands out, without a round trip when it can.
 
-    An idle server connection has nothing to say: when its socket is readable, the server
-    sent something (the FATAL of a terminated backend or a restarting server, then EOF),
-    and only then does the check ask the server (``SELECT 1``, raising if it is gone). A
-    round trip on every checkout cost three per operation, most of the lifecycle's cost; a
-    connection that went silent (a partition) fails on its first statement within
-    ``REPOINDEX_NET_TIMEOUT`` and that error is transient (retried), as before.
+    A connection back in the pool for over ``RECENT_SECONDS`` is asked (``SELECT ''``,
+    psycopg_pool's own check): a server restarted or a link cut meanwhile is found here,
+    and the pool replaces the connection (or waits for one) instead of handing out a dead
+    one. One returned more recently (the next step of the same operation: the ledger row,
+    the operation, the ledger row again) is asked only when its socket is readable, i.e.
+    the server said something unasked (the FATAL of a terminated backend, then EOF). A
+    round trip on every checkout was three per operation, most of the lifecycle's cost; a
+    link that died within the last second fails the first statement instead, within
+    ``REPOINDEX_NET_TIMEOUT``, and that error is transient (retried).
     """
     if conn.closed:
         raise psycopg.OperationalError("the connection is closed")
+    returned = getattr(conn, "returned_at", None)
+    if returned is None or time.monotonic() - returned > RECENT_SECONDS:
+        ConnectionPool.check_connection(conn)
+        return
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     if poller.poll(0):
