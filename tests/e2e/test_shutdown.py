@@ -241,6 +241,36 @@ def test_second_sigterm_stops_at_once_and_stays_safe(celery_app: Any,
     assert not [n for pid, n in temp_areas(temp_root) if not psutil.pid_exists(pid)]
 
 
+def test_sigterm_while_a_result_is_half_read(celery_app: Any,
+                                            db: psycopg.Connection[Any]) -> None:
+    """SIGTERM lands after the event loop has read the length of the first job's result
+    message from the child's pipe and before its body. Celery ran its cold shutdown right
+    there, inside the handler, and that read the same pipe: the loop then resumed at the
+    wrong offset (UnpicklingError "invalid load key, '\\x00'", exit 1, the finished job
+    restored to the queue, or a hang). Now the shutdown waits for the loop: exit 0, no
+    error, the result taken and the job acknowledged."""
+    from workers.db import migrate
+
+    migrate(db)
+    queue = f"halfread-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("halfread", concurrency=1, queue=queue, app="tests.app_signal_timing",
+                          env={"REPOINDEX_TEST_SIGNAL_AT": "result:3"})
+    assert worker.proc is not None
+    job = celery_app.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 0})
+    try:
+        assert job.get(timeout=60)["job"] == job.id
+        code = worker.proc.wait(30)  # the instrument's SIGTERM stops it
+    finally:
+        worker.stop()
+    log = worker.log()
+    assert "signal-timing: SIGTERM after the length of message 3" in log, log[-3000:]
+    assert code == 0, log[-3000:]
+    assert "CRITICAL" not in log and "Traceback" not in log, log[-3000:]
+    assert "Restoring" not in log  # nothing left unacknowledged
+    assert queue_length(queue) == 0
+    assert ledger_states(db, job.id) == ["succeeded"]
+
+
 def test_worker_without_remap_sigterm_warns() -> None:
     """`celery worker` started by hand without REMAP_SIGTERM says what it will cost."""
     worker = start_worker("noremap", concurrency=1, queue=f"noremap-{uuid.uuid4().hex[:6]}",

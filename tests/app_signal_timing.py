@@ -1,0 +1,59 @@
+"""The test worker app with a signal sent at an exact instant of the main process, for
+the shutdown tests that need one (``tests/e2e/test_shutdown.py``).
+
+A test instrument, not a patch: it wraps a point of Celery's own code in the worker's
+main process only to *send a signal* there, and changes nothing else. Chosen by
+``REPOINDEX_TEST_SIGNAL_AT``:
+
+- ``result:N``: SIGTERM to this process right after the event loop has read the 4-byte
+  length of the Nth message of a child's result pipe, before its body (one child sends
+  WORKER_UP, then its first job's ACK, then its READY: ``result:3`` lands inside the
+  first job's result). Celery's ``ResultHandler._recv_message`` takes the read function
+  as an argument; this passes one that signals after the length.
+
+Each prints one ``signal-timing:`` line to stderr (the worker log) when it fires.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from celery.concurrency import asynpool
+
+from tests.app import app
+
+__all__ = ["app"]
+WHEN = os.environ.get("REPOINDEX_TEST_SIGNAL_AT", "")
+
+
+def _say(text: str) -> None:
+    print(f"signal-timing: {text}", file=sys.stderr, flush=True)
+
+
+if WHEN.startswith("result:"):
+    _nth = int(WHEN.split(":", 1)[1])
+    _lengths: dict[int, int] = {}
+    _read = asynpool.__read__
+
+    def _read_then_signal(fd: int, buf: Any, size: int, *rest: Any) -> int:
+        n: int = _read(fd, buf, size, *rest)
+        if size == 4 and n == 4:  # a whole length: the header of the next message
+            _lengths[fd] = _lengths.get(fd, 0) + 1
+            if _lengths[fd] == _nth:
+                _say(f"SIGTERM after the length of message {_nth} of fd {fd}")
+                os.kill(os.getpid(), signal.SIGTERM)
+        return n
+
+    class _ResultHandler(asynpool.ResultHandler):  # type: ignore[misc]
+        def _recv_message(self, add_reader: Any, fd: int, callback: Any,
+                          **kwargs: Any) -> Any:
+            return super()._recv_message(add_reader, fd, callback,
+                                         __read__=_read_then_signal)
+
+    asynpool.AsynPool.ResultHandler = _ResultHandler
+
+elif WHEN:
+    raise ValueError(f"REPOINDEX_TEST_SIGNAL_AT={WHEN!r}: expected result:N")
