@@ -1,7 +1,7 @@
 """The test worker app with a signal sent at an exact instant of the main process, for
 the shutdown tests that need one (``tests/e2e/test_shutdown.py``).
 
-A test instrument, not a patch: it wraps a point of Celery's own code in the worker's
+A test instrument, not a patch: it wraps two points of Celery's own code in the worker's
 main process only to *send a signal* there, and changes nothing else. Chosen by
 ``REPOINDEX_TEST_SIGNAL_AT``:
 
@@ -10,6 +10,10 @@ main process only to *send a signal* there, and changes nothing else. Chosen by
   WORKER_UP, then its first job's ACK, then its READY: ``result:3`` lands inside the
   first job's result). Celery's ``ResultHandler._recv_message`` takes the read function
   as an argument; this passes one that signals after the length.
+- ``cancel``: SIGTERM again right after the cold shutdown has cancelled its first running
+  request (``Request._announce_cancelled``, which follows the signal to that request's
+  child), then 50 ms for the signalled children to begin their cleanup, so that a second
+  signal to any of them would land inside it.
 
 Each prints one ``signal-timing:`` line to stderr (the worker log) when it fires.
 """
@@ -19,9 +23,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from celery.concurrency import asynpool
+from celery.worker import request
 
 from tests.app import app
 
@@ -55,5 +61,20 @@ if WHEN.startswith("result:"):
 
     asynpool.AsynPool.ResultHandler = _ResultHandler
 
+elif WHEN == "cancel":
+    _announce = request.Request._announce_cancelled
+    _sent = [False]
+
+    def _announce_then_signal(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = _announce(self, *args, **kwargs)
+        if not _sent[0]:
+            _sent[0] = True
+            _say(f"second SIGTERM after cancelling {self.id}")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return result
+
+    request.Request._announce_cancelled = _announce_then_signal
+
 elif WHEN:
-    raise ValueError(f"REPOINDEX_TEST_SIGNAL_AT={WHEN!r}: expected result:N")
+    raise ValueError(f"REPOINDEX_TEST_SIGNAL_AT={WHEN!r}: expected result:N or cancel")

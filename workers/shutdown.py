@@ -19,6 +19,14 @@ the worker is ready (Celery's own handlers are in place by then):
   or a hang while the child waits for its result to be taken. So the handler only notes
   the signal and writes a byte to a pipe the loop watches (``LoopHook``); the loop runs
   Celery's handler at the top of its next iteration, where no read or write is half done;
+- a repeated signal cannot signal a child twice. Celery's handler for the next signal
+  (it installs it as soon as the cold shutdown starts) cancels the running requests
+  again; landing while the first pass is still cancelling them, it signals each child the
+  first pass had not reached yet, the first pass then signals those children a second
+  time, and billiard ends a child that gets a second terminate signal at once
+  (``os._exit``), in the middle of its cleanup (a temp area left, its ledger row left
+  ``running``). So the running requests are cancelled here first, while repeats are
+  still folded into the first signal; Celery's own pass, and any repeat's, find none left;
 - a signal during start-up: a cold shutdown that lands while the consumer starts (during
   mingle) terminates the pool, and Celery's event loop then asks the gone pool whether its
   children started (``'NoneType' object has no attribute 'did_start_ok'``, exit 1);
@@ -147,18 +155,47 @@ def _on_hub_close(hub: Any) -> None:
 
 
 def _run() -> None:
-    """Celery's cold shutdown (pool stopped, joined), once."""
+    """Cancel the running requests, then Celery's cold shutdown (pool stopped, joined)."""
     p = _pending
     if p.signum is None or p.started:
         return
     p.started = True
-    handler = p.celery.get(p.signum)
+    worker, handler = p.worker, p.celery.get(p.signum)
+    children = _children()
+    consumer = getattr(worker, "consumer", None)
     try:
+        # with a soft shutdown configured Celery waits for the operations first: leave it
+        if consumer is not None and not worker.app.conf.worker_soft_shutdown_timeout:
+            consumer.cancel_active_requests()
         if handler is not None:
             handler(p.signum, None)
     finally:
         if p.repeats:
             log.info("shutdown: %d repeated signal(s) folded into the first", p.repeats)
+        sweep_after_pool(children)
+
+
+def _children() -> set[int]:
+    import psutil
+
+    try:
+        return {c.pid for c in psutil.Process().children()}
+    except psutil.Error:  # pragma: no cover - /proc unreadable
+        return set()
+
+
+def sweep_after_pool(children: set[int]) -> None:
+    """The pool is joined: remove the temp areas of those of ``children`` that ended
+    without their cleanup (a terminate signal sent straight to them twice, SIGKILL),
+    instead of leaving them for the next worker's children to sweep."""
+    from workers import runtime
+    from workers.settings import process_settings
+
+    try:
+        runtime.sweep_temp(process_settings().temp_dir, pids=children,
+                           why="of worker children that ended without their cleanup")
+    except Exception:  # pragma: no cover - shutting down: never mask the shutdown
+        log.exception("shutdown: temp sweep failed")
 
 
 def attach(hub: Any) -> None:
