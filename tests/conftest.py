@@ -115,14 +115,15 @@ def celery_app() -> Any:
 
 def start_worker(name: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = (), queue: str | None = None,
-                 wait: bool = True) -> WorkerProcess:
-    """A real ``celery worker`` running the product app plus the probe tasks; with
-    ``queue`` it consumes only that queue, so no other test's worker takes its jobs."""
+                 wait: bool = True, app: str = "tests.app") -> WorkerProcess:
+    """A real ``celery worker`` running the product app plus the probe tasks (``app``: a
+    module of tests/ that adds to them); with ``queue`` it consumes only that queue, so no
+    other test's worker takes its jobs."""
     unique = f"{name}-{uuid.uuid4().hex[:6]}"
     log = Path(SESSION["tmp"]) / f"{unique}.log"
     full_env = {**os.environ, **(env or {})}
     return WorkerProcess(full_env, name=unique, log_path=log, concurrency=concurrency,
-                         app="tests.app", args=args, queue=queue).start(wait=wait)
+                         app=app, args=args, queue=queue).start(wait=wait)
 
 
 @pytest.fixture(scope="session")

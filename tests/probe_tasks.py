@@ -44,10 +44,16 @@ def open_files(self: OperationTask, n: int, fail: bool = False) -> dict[str, Any
     return {"pid": os.getpid(), "live": live}
 
 
+def _linger(stop: threading.Event, seconds: float) -> None:
+    stop.wait(60)
+    time.sleep(seconds)
+
+
 @shared_task(name="probe.everything", base=OperationTask, bind=True)
 def everything(self: OperationTask, tag: str, fail_at: str | None = None,
-               sleep: float = 0.0) -> dict[str, Any]:
-    """Files, a connection with an uncommitted insert, temp files, a git process, a thread."""
+               sleep: float = 0.0, linger: float = 0.0) -> dict[str, Any]:
+    """Files, a connection with an uncommitted insert, temp files, a git process, a thread
+    (which, told to stop, takes ``linger`` seconds to end: a cleanup that lasts)."""
     rm = resources.current()
     steps = ["files", "connection", "temp", "process", "thread", "sleep", "end"]
     for step in steps:
@@ -65,7 +71,7 @@ def everything(self: OperationTask, tag: str, fail_at: str | None = None,
             rm.popen(["git", "cat-file", "--batch"], stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         elif step == "thread":
-            rm.start_thread(lambda stop: stop.wait(60), name=f"probe-{tag}")
+            rm.start_thread(lambda stop: _linger(stop, linger), name=f"probe-{tag}")
         elif step == "sleep":
             time.sleep(sleep)
     # after the sleep, so that a job seen STARTED is mid-sleep; the first report opens the

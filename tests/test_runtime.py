@@ -45,6 +45,21 @@ def test_sweep_removes_only_areas_of_dead_processes(tmp_path: Path) -> None:
     assert runtime.sweep_temp(tmp_path / "missing") == []
 
 
+def test_sweep_of_given_pids_removes_only_their_dead_areas(tmp_path: Path) -> None:
+    """What a main process sweeps once its pool is joined: the operation areas of its own
+    children that are dead; not another dead process's, not a live one's, no stats."""
+    mine, other = (subprocess.Popen(["true"]) for _ in range(2))
+    mine.wait()
+    other.wait()
+    live = os.getppid()
+    for name in (f"{mine.pid}-job", f"{other.pid}-job", f"{live}-job", f"stats-{mine.pid}"):
+        (tmp_path / name).mkdir()
+    removed = runtime.sweep_temp(tmp_path, pids={mine.pid, live}, why="test")
+    assert removed == [f"{mine.pid}-job"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{other.pid}-job", f"{live}-job", f"stats-{mine.pid}"])
+
+
 def test_redis_endpoints() -> None:
     found = runtime.redis_endpoints("redis://127.0.0.1:6390/0", "redis+socket:///tmp/x.sock",
                                     "redis://no-such-host.invalid:1/0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from workers import hooks, monitor, recovery
+from workers import hooks, monitor, recovery, shutdown
 
 
 def create_app() -> Celery:
@@ -16,6 +16,7 @@ def create_app() -> Celery:
     app.config_from_object("celeryconfig")
     hooks.connect()
     app.steps["worker"].add(monitor.Monitor)
+    app.steps["worker"].add(shutdown.LoopHook)
     app.steps["consumer"].add(recovery.Recovery)
     return app
 

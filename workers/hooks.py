@@ -26,6 +26,7 @@ def on_process_init(**_: Any) -> None:
     # Runs in each prefork child after fork; must return within worker_proc_alive_timeout,
     # hence the pool opens with wait=False.
     monitor.close_inherited()
+    shutdown.forget_in_child()
     rt = runtime.start(child_of=os.getppid())
     revoke.install(rt.settings.temp_dir)
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,11 +47,13 @@ def redis_endpoints(*urls: str) -> frozenset[tuple[str, int]]:
     return frozenset(found)
 
 
-def sweep_temp(temp_root: Path) -> list[str]:
+def sweep_temp(temp_root: Path, pids: Collection[int] | None = None,
+               why: str = "left by dead worker processes") -> list[str]:
     """Remove what processes that died without cleanup (SIGKILL, OOM) left: operation temp
     areas ``<child pid>-...`` and stats directories ``stats-<main pid>``. An area named with
     this process's own pid was left by an earlier process of the same pid (nothing of ours
-    exists yet); a stats directory of this pid is this worker's own, in use."""
+    exists yet); a stats directory of this pid is this worker's own, in use. With ``pids``:
+    only the operation areas of those processes (a main process's own children)."""
     removed: list[str] = []
     try:
         names = os.listdir(temp_root)
@@ -61,13 +64,15 @@ def sweep_temp(temp_root: Path) -> list[str]:
         if not pid_text.isdigit():
             continue
         pid, stats = int(pid_text), name.startswith("stats-")
+        if pids is not None and (stats or pid not in pids):
+            continue
         if (stats or pid != os.getpid()) and psutil.pid_exists(pid):
             continue
         shutil.rmtree(temp_root / name, ignore_errors=True)
         removed.append(name)
     if removed:
-        log.warning("swept %d temp area(s) left by dead worker processes: %s",
-                    len(removed), ", ".join(sorted(removed)))
+        log.warning("swept %d temp area(s) %s: %s", len(removed), why,
+                    ", ".join(sorted(removed)))
     return removed
 
 

@@ -42,6 +42,13 @@ def temp_areas(temp_root: Path) -> list[tuple[int, str]]:
             if n.split("-", 1)[0].isdigit()]
 
 
+def unclean_exits(log: str) -> list[str]:
+    """Log lines saying a worker child ended without finishing its cleanup: the main
+    process saw it go without its last word, or swept the temp areas it left."""
+    return [line for line in log.splitlines()
+            if "ended without shutting down" in line or "without their cleanup" in line]
+
+
 def server_sessions(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
     """(state, count) of our sessions that are not idle (active or idle in transaction)."""
     return db.execute("SELECT state, count(*) FROM pg_stat_activity WHERE application_name ="

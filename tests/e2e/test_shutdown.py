@@ -23,6 +23,7 @@ from tests.e2e.support import (
     queue_length,
     server_sessions,
     temp_areas,
+    unclean_exits,
     wait_until,
 )
 
@@ -66,6 +67,9 @@ def test_sigterm_with_operations_in_flight(celery_app: Any, db: psycopg.Connecti
     print(f"exit after SIGTERM with 3 operations in flight: {elapsed:.2f}s")
     assert elapsed < 30
     assert our_processes(pids, roots) == []
+    # the test's SIGTERM and stop()'s are two: no child may be signalled twice (billiard
+    # ends it mid-cleanup; the main process would then sweep what it left, so look)
+    assert unclean_exits(worker.log()) == []
     assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
     assert server_sessions(db) == []
     assert db.execute("SELECT count(*) FROM repositories WHERE name = ANY(%s)",
@@ -195,6 +199,7 @@ def test_every_way_of_stopping_is_safe(celery_app: Any, db: psycopg.Connection[A
     print(f"{how}: exit after {time.monotonic() - started:.2f}s")
     assert [p for p in pids if psutil.pid_exists(p)
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
+    assert unclean_exits(worker.log()) == []
     assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
     assert queue_length(queue) == len(jobs)
     assert sorted(ledger_states(db, j.id) for j in jobs) == \
@@ -205,9 +210,10 @@ def test_second_sigterm_stops_at_once_and_stays_safe(celery_app: Any,
                                                      db: psycopg.Connection[Any],
                                                      temp_root: Path,
                                                      probe_table: None) -> None:
-    """A second signal during the cold shutdown may end a child in the middle of its
-    cleanup (billiard's os._exit): nothing was committed, the jobs are back on the queue,
-    and the next worker sweeps what was left and runs each job once."""
+    """A second signal (and stop()'s, a third) during the cold shutdown: no child is
+    signalled twice, so each finishes its cleanup (billiard would end one at its second
+    terminate signal, os._exit, mid-cleanup); nothing was committed, the jobs are back on
+    the queue, and the next worker runs each job once."""
     queue = f"twice-{uuid.uuid4().hex[:6]}"
     worker = start_worker("twice", concurrency=2, queue=queue)
     jobs = [celery_app.send_task("probe.everything", queue=queue,
@@ -218,10 +224,13 @@ def test_second_sigterm_stops_at_once_and_stays_safe(celery_app: Any,
         worker.stop()
         raise
     time.sleep(0.5)
+    pids = [worker.pid, *worker.children()]
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.05)
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.stop(timeout=30) == 0
+    assert unclean_exits(worker.log()) == []
+    assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
     assert db.execute("SELECT count(*) FROM probe_rows WHERE tag LIKE 'twice_'"
                       ).fetchone() == (0,)
     assert queue_length(queue) == 2
@@ -233,12 +242,75 @@ def test_second_sigterm_stops_at_once_and_stays_safe(celery_app: Any,
         assert second.stop() == 0
     assert db.execute("SELECT count(*) FROM probe_rows WHERE tag LIKE 'twice_'"
                       ).fetchone() == (2,)
-    for job in jobs:
-        states = ledger_states(db, job.id)
-        assert states[-1] == "succeeded" and states.count("succeeded") == 1, states
-        assert set(states[:-1]) <= {"interrupted", "lost"}, states
-    # temp areas of children that died mid-cleanup were swept by the new children
+    assert [ledger_states(db, job.id) for job in jobs] == [["interrupted", "succeeded"]] * 2
     assert not [n for pid, n in temp_areas(temp_root) if not psutil.pid_exists(pid)]
+
+
+def test_sigterm_while_a_result_is_half_read(celery_app: Any,
+                                            db: psycopg.Connection[Any]) -> None:
+    """SIGTERM lands after the event loop has read the length of the first job's result
+    message from the child's pipe and before its body. Celery ran its cold shutdown right
+    there, inside the handler, and that read the same pipe: the loop then resumed at the
+    wrong offset (UnpicklingError "invalid load key, '\\x00'", exit 1, the finished job
+    restored to the queue, or a hang). Now the shutdown waits for the loop: exit 0, no
+    error, the result taken and the job acknowledged."""
+    from workers.db import migrate
+
+    migrate(db)
+    queue = f"halfread-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("halfread", concurrency=1, queue=queue, app="tests.app_signal_timing",
+                          env={"REPOINDEX_TEST_SIGNAL_AT": "result:3"})
+    assert worker.proc is not None
+    job = celery_app.send_task("repoindex.canary", queue=queue, kwargs={"seconds": 0})
+    try:
+        assert job.get(timeout=60)["job"] == job.id
+        code = worker.proc.wait(30)  # the instrument's SIGTERM stops it
+    finally:
+        worker.stop()
+    log = worker.log()
+    assert "signal-timing: SIGTERM after the length of message 3" in log, log[-3000:]
+    assert code == 0, log[-3000:]
+    assert "CRITICAL" not in log and "Traceback" not in log, log[-3000:]
+    assert "Restoring" not in log  # nothing left unacknowledged
+    assert queue_length(queue) == 0
+    assert ledger_states(db, job.id) == ["succeeded"]
+
+
+def test_repeated_sigterm_while_operations_are_cancelled(celery_app: Any,
+                                                        db: psycopg.Connection[Any],
+                                                        temp_root: Path,
+                                                        probe_table: None) -> None:
+    """A second SIGTERM lands while the cold shutdown is cancelling the running operations.
+    Celery's handler for it cancelled them again from inside the first pass, which then
+    signalled the children it had not reached yet a second time, and billiard ends a child
+    at its second terminate signal (os._exit), mid-cleanup: a temp area left, its ledger row
+    still 'running'. Now each child is signalled once and finishes its cleanup, which here
+    lasts a second (its thread lingers), so a second signal would land inside it."""
+    from workers.db import migrate
+
+    migrate(db)  # the ledger is read before the worker's first operation would apply it
+    queue = f"recancel-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("recancel", concurrency=3, queue=queue, app="tests.app_signal_timing",
+                          env={"REPOINDEX_TEST_SIGNAL_AT": "cancel"})
+    jobs = [celery_app.send_task("probe.everything", queue=queue,
+                                 kwargs={"tag": f"recancel{i}", "sleep": 60.0, "linger": 1.0})
+            for i in range(3)]
+    try:
+        wait_until(lambda: all(ledger_states(db, j.id) == ["running"] for j in jobs), 60,
+                   "3 operations running")
+        time.sleep(1.0)  # each holds its files, temp area, git process, thread, transaction
+        pids = [worker.pid, *worker.children()]
+    finally:
+        code = worker.stop(timeout=30)
+    log = worker.log()
+    assert "signal-timing: second SIGTERM" in log, log[-3000:]
+    assert code == 0, log[-3000:]
+    assert unclean_exits(log) == []
+    assert [ledger_states(db, j.id) for j in jobs] == [["interrupted"]] * 3
+    assert not [n for pid, n in temp_areas(temp_root) if pid in pids]
+    assert queue_length(queue) == 3
+    assert db.execute("SELECT count(*) FROM probe_rows WHERE tag LIKE 'recancel_'"
+                      ).fetchone() == (0,)
 
 
 def test_worker_without_remap_sigterm_warns() -> None:
