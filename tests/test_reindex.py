@@ -84,6 +84,14 @@ def stored_commit(index: Callable[..., Any], which: str, name: str) -> str | Non
 class History:
     """A work tree whose commits keep gitlinks (submodules) that ``add -A`` would drop."""
 
+    @classmethod
+    def of_files(cls, repo: Path, files: int) -> tuple[History, str]:
+        """A history whose one commit holds ``f0.txt`` … (``file 0`` …), and that commit."""
+        h = cls(repo)
+        for i in range(files):
+            h.write(f"f{i}.txt", f"file {i}\n")
+        return h, h.commit("one")
+
     def __init__(self, repo: Path) -> None:
         self.repo = gitrepo.init(repo)
         self.links: dict[str, str] = {}
@@ -241,10 +249,7 @@ def test_each_change_counts_exactly(index: Callable[..., dict[str, Any]],
 
 def test_fallbacks_read_the_whole_tree_and_say_why(index: Callable[..., dict[str, Any]],
                                                    tmp_path: Path) -> None:
-    h = History(tmp_path / "repo")
-    for i in range(10):
-        h.write(f"f{i}.txt", f"file {i}\n")
-    c1 = h.commit("one")
+    h, c1 = History.of_files(tmp_path / "repo", 10)
     h.write("f0.txt", "changed\n")
     c2 = h.commit("two")
     first = index("delta", h.repo, "r", c2)
@@ -301,10 +306,7 @@ def test_a_changed_size_limit_rewrites_the_rows_it_decides(
 
 def test_a_delta_over_the_file_limit_writes_nothing(index: Callable[..., dict[str, Any]],
                                                     tmp_path: Path) -> None:
-    h = History(tmp_path / "repo")
-    for i in range(5):
-        h.write(f"f{i}.txt", f"file {i}\n")
-    c1 = h.commit("one")
+    h, c1 = History.of_files(tmp_path / "repo", 5)
     assert index("delta", h.repo, "r", c1, max_files=6)["files"] == 5
     h.write("f5.txt", "six\n")
     h.write("f6.txt", "seven\n")
