@@ -231,16 +231,24 @@ def assert_alert_fires(tmp_path: Path, series: str, values: str, alert: str,
 def test_stats_watch_refreshes_until_interrupted(monitored: tuple[WorkerProcess, int]) -> None:
     """Off a terminal: one whole, uncut table per refresh; Ctrl-C ends it with status 0."""
     worker, _ = monitored
+    # Ctrl-C as a terminal delivers it: SIGINT at its default (a suite started in the
+    # background, e.g. `nohup … &`, has it ignored, and children inherit that)
     proc = subprocess.Popen([EXE, "stats", "--watch", "0.3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout is not None
-    seen: list[str] = []
-    for line in proc.stdout:  # until two tables were written (the first one and a refresh)
-        seen.append(line)
-        if sum("worker children" in ln for ln in seen) == 2:
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        for line in proc.stdout:  # until two tables were written (the first and a refresh)
+            seen.append(line)
+            if sum("worker children" in ln for ln in seen) == 2:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err
     text = "".join(seen) + out
     assert text.count("worker children") >= 2
