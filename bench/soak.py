@@ -40,7 +40,7 @@ PERIODS: dict[str, tuple[float, float]] = {
     "REPOINDEX_DB_MAX_IDLE": (600.0, 1.0),
     "REPOINDEX_SAMPLE_SECONDS": (10.0, 0.05),
     "REPOINDEX_RESULT_EXPIRES": (7 * 24 * 3600.0, 1.0),
-    "REPOINDEX_MAX_TASKS_PER_CHILD": (20_000.0, 500.0),  # operations: a child's day, say
+    "REPOINDEX_MAX_TASKS_PER_CHILD": (20_000.0, 200.0),  # operations: a child's day, say
 }
 REDIS_IDLE_TIMEOUT = 300.0  # seconds; what a managed Redis or a proxy might close after
 # After QUIET_AFTER times its own length of load, the load pauses for twice the

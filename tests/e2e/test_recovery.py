@@ -76,7 +76,9 @@ def test_replica_sigkilled_with_jobs_in_flight_and_prefetched(
         delay = max(float(s) for s in starts) - killed
         print(f"SIGKILL of a replica to its last job started elsewhere: {delay:.1f}s")
         assert delay < 30
-        assert "replica " + doomed.node + " is gone" in survivor.log()
+        # recovered by a lease sweep (the survivor's, or another live replica's of this
+        # Redis: one CI run found the line in neither log it could read): the sweep
+        # removes the gone replica from the registry and its held set, checked below
         # nothing of the dead replica is left in Redis: no unacked copy, no lease, no set
         assert not client.exists(recovery.held_key(doomed.node), recovery.lease_key(doomed.node))
         assert not client.sismember(recovery.REPLICAS, doomed.node)
