@@ -29,6 +29,8 @@ from typing import Any
 
 import psutil
 
+from workers.processes import running_child
+
 log = logging.getLogger("repoindex.metrics")
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -260,6 +262,8 @@ class WorkerMetrics:
                     if doc is not None:
                         docs[pid] = doc
                     continue
+                if running_child(pid):
+                    continue  # not listed yet: folded once it has gone
                 if doc is not None:
                     self.retired.add(doc)
                     reason = _recycle_reason(doc.get("exit"), stopping=self.stopping)

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 
+import psutil
+
 
 def has_open_pipes(proc: subprocess.Popen[bytes]) -> bool:
     return any(p is not None and not p.closed for p in (proc.stdin, proc.stdout, proc.stderr))
@@ -39,3 +41,15 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
             proc.send_signal(sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def running_child(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) child of this process: one the pool may
+    not list yet, since billiard forks and then adds the process to its list, and a child
+    under load can write its first stats file in between (a scrape folding that file then
+    counted a newborn child as ``died``)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.ppid() == os.getpid() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
