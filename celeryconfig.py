@@ -53,13 +53,7 @@ redis_socket_timeout = _settings.net_timeout
 redis_socket_connect_timeout = min(_settings.net_timeout, 10)
 redis_socket_keepalive = True
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
-# A result (or a state) that cannot reach Redis is retried with backoff (10 ms to 10 s), 30
-# times, minutes in all, instead of failing at once: an operation that committed while its
-# replica was cut off from Redis would otherwise have Celery store FAILURE for it once Redis
-# answered again, and its caller would see the job fail although it succeeded. (Progress
-# reports do not wait: workers/task.py.)
-result_backend_always_retry = True
-result_backend_max_retries = 30
+# Workers retry storing a result for minutes (workers/app.py); producers ask once.
 
 worker_concurrency = _settings.concurrency or None
 # KiB; compared with the child's peak RSS after each task (README "Memory"): a child that

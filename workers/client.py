@@ -15,10 +15,6 @@ from celery import Celery
 def client() -> Celery:
     app = Celery("repoindex", set_as_current=False)
     app.config_from_object("celeryconfig")
-    # A producer asks the result backend once: the workers' long retry of results
-    # (celeryconfig: a result stored after a Redis cut) would keep a command like
-    # `repoindex status` waiting minutes on an unreachable Redis, not exit 3 at once.
-    app.conf.result_backend_always_retry = False
     return app
 
 
