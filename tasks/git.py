@@ -243,9 +243,9 @@ def _finish(proc: subprocess.Popen[bytes], what: str, expired: set[int]) -> None
         raise SourceError(f"git {what} failed ({reason})")
 
 
-def run(rm: ResourceManager, argv: list[str], timeout: float, *, env: dict[str, str],
-        what: str) -> bytes:
-    """Run a short git command to completion; its stderr's last line becomes the error."""
+def complete(rm: ResourceManager, argv: list[str], timeout: float, *, env: dict[str, str],
+             what: str) -> tuple[int, bytes, bytes]:
+    """Run a short git command to completion: (exit status, stdout, stderr)."""
     proc = rm.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, env=env)
     try:
@@ -254,9 +254,16 @@ def run(rm: ResourceManager, argv: list[str], timeout: float, *, env: dict[str, 
         raise SourceError(f"git {what} timed out after {timeout:g}s") from None
     finally:
         rm.release(proc)
-    if proc.returncode != 0:
+    return proc.returncode, out, err
+
+
+def run(rm: ResourceManager, argv: list[str], timeout: float, *, env: dict[str, str],
+        what: str) -> bytes:
+    """Run a short git command to completion; its stderr's last line becomes the error."""
+    code, out, err = complete(rm, argv, timeout, env=env, what=what)
+    if code != 0:
         lines = [ln for ln in err.decode(errors="replace").strip().splitlines() if ln.strip()]
-        detail = scrub(lines[-1].removeprefix("fatal: ")) if lines else f"exit {proc.returncode}"
+        detail = scrub(lines[-1].removeprefix("fatal: ")) if lines else f"exit {code}"
         raise SourceError(f"git {what}: {detail}")
     return out
 

@@ -9,11 +9,10 @@ side and the additions of the other.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from tasks.git import MODE_SUBMODULE, Git, TreeEntry, _finish, git_env
+from tasks.git import MODE_SUBMODULE, Git, TreeEntry, _finish, complete, git_env
 from workers.errors import SourceError
 
 
@@ -28,15 +27,9 @@ class Changes:
 def ancestry(git: Git, old: str, new: str) -> str:
     """``ancestor``, ``not an ancestor``, or ``missing`` (``old`` is not in the repository:
     another source, a shallow clone, a pruned force-push)."""
-    proc = git.rm.popen(git._argv("merge-base", "--is-ancestor", "--end-of-options", old, new),
-                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, env=git_env())
-    try:
-        code = proc.wait(timeout=git.timeout)
-    except subprocess.TimeoutExpired:
-        raise SourceError(f"git merge-base timed out after {git.timeout:g}s") from None
-    finally:
-        git.rm.release(proc)
+    code, _, _ = complete(git.rm, git._argv("merge-base", "--is-ancestor", "--end-of-options",
+                                            old, new), git.timeout, env=git_env(),
+                          what="merge-base")
     return {0: "ancestor", 1: "not an ancestor"}.get(code, "missing")
 
 
