@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from workers import kinds
+from workers.metrics import is_bookkeeping_fd
 
 log = logging.getLogger("repoindex.leak")
 IGNORED_THREAD_PREFIXES = ("sentry-sdk",)  # Sentry starts its transport thread lazily
@@ -145,6 +146,7 @@ class Sentinel:
         remote = self._remote_endpoints(sockets) if sockets else {}
         return [Leak(kinds.FILES.leak, f"fd={fd} target={target}") for fd, target in new
                 if target not in exempt and target not in IGNORED_FD_TARGETS
+                and not is_bookkeeping_fd(target)  # the sampler's, not the operation's
                 and remote.get(fd) not in self.endpoints]
 
     @staticmethod
