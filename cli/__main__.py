@@ -1,5 +1,5 @@
 """``python -m cli``: the ``repoindex`` console script."""
 
-from cli import main
+from cli import run
 
-main()
+run()

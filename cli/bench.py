@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import click
 
+from cli.common import long_running
+
 
 @click.group()
 def bench() -> None:
     """Benchmarks: tables of medians and ratios (not CI tests)."""
+    long_running()
 
 
 @bench.command("index")

@@ -5,6 +5,7 @@ The settings are read once, by the ``repoindex`` group (``ctx.obj``), and passed
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,12 @@ def console(**kwargs: Any) -> Any:
     if not stream.isatty():
         kwargs.setdefault("width", 1000)
     return Console(**kwargs)
+
+
+def long_running() -> None:
+    """A command that goes on past its start (it waits, watches, benchmarks): collect
+    reference cycles again, which ``cli.run`` stopped for the start-up."""
+    gc.enable()
 
 
 def emit(doc: Any, as_json: bool, human: Callable[[], None]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from cli.common import connect
+from cli.common import connect, long_running
 from cli.jobs import wait_for
 from workers.settings import Settings
 
@@ -109,6 +109,7 @@ def run_demo(echo: Callable[[str], None]) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True)
 def demo(as_json: bool) -> None:
     """Start services and two workers, index this checkout, search, report, shut down."""
+    long_running()
     report = run_demo(echo=(lambda s: None) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(report, default=str))

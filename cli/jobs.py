@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cli.common import emit, settings_of
+from cli.common import emit, long_running, settings_of
 from workers.settings import Settings
 
 JOB_STATES_DONE = ("SUCCESS", "FAILURE", "REVOKED")
@@ -18,6 +18,8 @@ JOB_STATES_DONE = ("SUCCESS", "FAILURE", "REVOKED")
 EXIT_FAILED = 1      # the job failed or was revoked; delete: no such repository
 EXIT_UNKNOWN = 2     # no job has this id (usage errors are 2 too, as click makes them)
 EXIT_NOT_DONE = 5    # still queued or running when we stopped waiting (or at `status`)
+
+_FETCH_GAP = 0.05    # seconds a fetched message may be in neither a queue nor ``unacked``
 
 # Where a message of a job id waits in Redis: a queue (kombu keeps one list per priority
 # step, "<queue>\x06\x16<n>") or the ``unacked`` hash (taken by a worker, not acknowledged).
@@ -57,12 +59,16 @@ def job_status(job_id: str, settings: Settings) -> dict[str, Any]:
     doc = _backend_status(res)
     if doc["state"] != "PENDING":
         return doc
+    looked = time.monotonic()
     where = _in_broker(job_id)
     if where is not None:
         return {**doc, "broker": where}
     doc.update(_ledger_status(job_id, settings))
-    if doc["state"] == "PENDING":  # a worker's fetch moves it from queue to unacked: look again
-        time.sleep(0.05)
+    if doc["state"] == "PENDING":
+        # A worker's fetch takes the message off the queue (BRPOP) a moment before it records
+        # it in ``unacked``: look again once that moment has passed. Reaching the ledger
+        # usually took longer already, so this rarely sleeps at all.
+        time.sleep(max(0.0, _FETCH_GAP - (time.monotonic() - looked)))
         doc = _backend_status(res)
         where = _in_broker(job_id) if doc["state"] == "PENDING" else None
         if doc["state"] == "PENDING":
@@ -149,6 +155,7 @@ def wait_for(job_id: str, settings: Settings, *, show: bool,
                 _say_when_nobody_consumes(job_id, settings)
             if deadline is not None and time.monotonic() > deadline:
                 return doc
+            long_running()  # not done at the first look: this may go on for a while
             time.sleep(0.2)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cli.common import console, emit, settings_of
+from cli.common import console, emit, long_running, settings_of
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -99,6 +99,7 @@ def stats(as_json: bool, watch: float | None, timeout: float) -> None:
             raise click.ClickException("no worker replied (none running on this broker?)")
         emit(docs, as_json, lambda: console().print(stats_table(docs)))
         return
+    long_running()
     try:  # Ctrl-C may come at any moment, also while the first replies are awaited
         if not sys.stdout.isatty():  # a file or a pipe: one whole table per refresh
             out = console()
