@@ -125,6 +125,31 @@ def bench_lifecycle_cmd(files: int, runs: int, json_out: str | None) -> None:
     write_json(json_out, doc)
 
 
+@bench.command("startup")
+@click.option("--runs", default=15, show_default=True)
+@click.option("--against", metavar="EXE",
+              help="Another installation's repoindex script (an earlier version), timed alike.")
+@click.option("--json-out", help="Also write the figures to this JSON file.")
+def bench_startup_cmd(runs: int, against: str | None, json_out: str | None) -> None:
+    """Each console command, start to exit, against one worker replica."""
+    from bench.common import write_json
+    from bench.startup import bench_startup
+
+    doc = bench_startup(runs, click.echo, against)
+    peer = doc.get("against_commands") or {}
+    click.echo("| command | wall ms (median) | CPU ms (median) | target ms |"
+               + (" --against wall ms | CPU ms |" if peer else ""))
+    click.echo("|---|---|---|---|" + ("---|---|" if peer else ""))
+    for name, row in doc["commands"].items():
+        target = row["target_ms"] or "-"
+        other = (f" {peer[name]['wall_ms']:.0f} | {peer[name]['cpu_ms']:.0f} |"
+                 if peer else "")
+        click.echo(f"| `{name}` | {row['wall_ms']:.0f} | {row['cpu_ms']:.0f} | {target} |"
+                   + other)
+    click.echo(f"load average at the end: {doc['load_average'][0]:.2f}")
+    write_json(json_out, doc)
+
+
 @bench.command("shutdown")
 @click.option("--runs", default=5, show_default=True)
 @click.option("--op-seconds", default=40.0, show_default=True,

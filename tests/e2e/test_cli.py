@@ -258,6 +258,15 @@ def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
     out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2"])
     assert out.exit_code == 0, out.output
     assert "| overhead" in out.output
+    out = runner.invoke(main, ["bench", "startup", "--runs", "1",
+                               "--json-out", str(tmp_path / "s.json")])
+    assert out.exit_code == 0, out.output
+    codes = {k: v["exit_codes"] for k, v in
+             json.loads((tmp_path / "s.json").read_text())["commands"].items()}
+    # every command ran to its own answer (an unknown id: 2), none stopped at a service
+    assert codes == {"python -c pass": [0], "--help": [0], "status (finished job)": [0],
+                     "status (unknown id)": [2], "repos": [0], "search": [0],
+                     "enqueue": [0], "stats": [0]}, out.output
     out = runner.invoke(main, ["bench", "all", "--quick", "--json-out", str(tmp_path / "a.json")])
     assert out.exit_code == 0, out.output
     assert "| ratio ours / floor" in out.output and "at once: pool wait p50" in out.output
