@@ -72,7 +72,7 @@ def _commands(exe: str, job_id: str, repo: Path) -> dict[str, list[str]]:
         "status (finished job)": [exe, "status", job_id],
         "status (unknown id)": [exe, "status", "not-a-job-id"],
         "repos": [exe, "repos"],
-        "search": [exe, "search", "function_1_", "--limit", "5"],
+        "search": [exe, "search", "def function_7_3(x)"],  # one match
         "enqueue": [exe, "enqueue", str(repo), "--name", "again"],
         "stats": [exe, "stats"],
     }

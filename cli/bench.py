@@ -107,13 +107,14 @@ def bench_search_cmd(source: str, copies: int, runs: int, json_out: str | None) 
 @bench.command("lifecycle")
 @click.option("--files", default=2000, show_default=True)
 @click.option("--runs", default=15, show_default=True)
+@click.option("--steps", is_flag=True, help="Also time each step's before and after.")
 @click.option("--json-out", help="Also write the figures to this JSON file.")
-def bench_lifecycle_cmd(files: int, runs: int, json_out: str | None) -> None:
+def bench_lifecycle_cmd(files: int, runs: int, steps: bool, json_out: str | None) -> None:
     """The same operation with the lifecycle machinery on and off."""
     from bench.common import table, write_json
     from bench.lifecycle import bench_lifecycle
 
-    doc = bench_lifecycle(files, runs, click.echo)
+    doc = bench_lifecycle(files, runs, click.echo, steps)
     med = doc["median"]
     click.echo(table([
         ("operation", f"no-change re-index of {files} files"), ("runs (medians)", str(runs)),
@@ -121,6 +122,7 @@ def bench_lifecycle_cmd(files: int, runs: int, json_out: str | None) -> None:
         ("lifecycle off", f"{med['off'] * 1000:.1f} ms"),
         ("median of paired differences", f"{doc['paired_diff'] * 1000:.2f} ms"),
         ("overhead", f"{doc['overhead_ratio'] * 100:.1f} %"),
+        *((f"step {name} (median)", f"{sec * 1000:.3f} ms") for name, sec in doc["steps"].items()),
     ]))
     write_json(json_out, doc)
 

@@ -255,9 +255,11 @@ def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
     doc = json.loads((tmp_path / "r.json").read_text())
     assert [(r["nochange"]["strategy"], r["3 files"]["strategy"], r["1 %"]["changed"])
             for r in doc["results"].values()] == [(["unchanged"], ["delta"], 1)] * 2
-    out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2"])
+    out = runner.invoke(main, ["bench", "lifecycle", "--files", "40", "--runs", "2", "--steps"])
     assert out.exit_code == 0, out.output
     assert "| overhead" in out.output
+    assert "| step LedgerRow.before (median)" in out.output  # every step timed, both halves
+    assert out.output.count("| step ") == 2 * 7
     out = runner.invoke(main, ["bench", "startup", "--runs", "1",
                                "--json-out", str(tmp_path / "s.json")])
     assert out.exit_code == 0, out.output
