@@ -110,7 +110,7 @@ def reset(database_url: str) -> None:
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE repositories, files, blobs, runs")
+        conn.execute("TRUNCATE repositories, files, blobs, lines, runs")
 
 
 def table(rows: list[tuple[str, str]]) -> str:

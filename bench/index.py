@@ -19,7 +19,8 @@ from workers import memory
 
 
 def floor_index(database_url: str, repo: Path) -> float:
-    """The floor: read every tracked file and COPY blobs and files in one transaction."""
+    """The floor: read every tracked file and COPY blobs and files in one transaction,
+    and the blobs' lines (search's rows) split by the server, as the indexer has them."""
     import psycopg
 
     started = time.perf_counter()
@@ -41,6 +42,9 @@ def floor_index(database_url: str, repo: Path) -> float:
                 copy.write_row((sha, len(data), False, data.count(b"\n"), data.decode()))
                 rows.append((repo_id[0], path.decode(), sha, int(meta.split()[0], 8),
                              len(data), "python", "text"))
+        conn.execute("INSERT INTO lines SELECT b.sha, l.n, l.line FROM blobs b,"
+                     " unnest(string_to_array(b.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
+                     " WHERE l.n <= b.lines")
         with conn.cursor().copy("COPY files (repo_id, path, sha, mode, size, language, kind)"
                                 " FROM STDIN") as copy:
             for row in rows:

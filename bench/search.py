@@ -7,11 +7,6 @@ whole ``repoindex search`` process, ``git grep -n`` on the checkout and ``rg -n`
 installed. Then the corpus grows to ``--copies`` times (copies whose every file differs by
 one line, so no blob is shared) and the in-process medians are taken again.
 
-``lines``: the storage question of issue 13, measured on the same corpus. The stored blobs
-are also written one row per line into a scratch table with a trigram index on the line
-(the shape that would answer common patterns without splitting blobs), and today's shape
-into another; each pattern is also answered from the line rows (the same operators), and
-each shape's write time (an INSERT into its indexed table) and size are reported.
 """
 
 from __future__ import annotations
@@ -98,50 +93,10 @@ def _peers(repo: Path, pattern: str, regex: bool, ignore_case: bool) -> dict[str
     return peers
 
 
-# The two storage shapes, written from the stored blobs (``bench search --lines``).
-_SHAPES = {
-    "blobs": ("CREATE TABLE bench_blobs (sha text PRIMARY KEY, content text);"
-              " CREATE INDEX ON bench_blobs USING gin (content gin_trgm_ops)",
-              "INSERT INTO bench_blobs SELECT sha, content FROM blobs WHERE content IS NOT NULL"),
-    "lines": ("CREATE TABLE bench_lines (sha text, n integer, line text, PRIMARY KEY (sha, n));"
-              " CREATE INDEX ON bench_lines USING gin (line gin_trgm_ops)",
-              "INSERT INTO bench_lines SELECT b.sha, l.n, l.line FROM blobs b,"
-              " unnest(string_to_array(b.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
-              " WHERE b.content IS NOT NULL AND l.n <= b.lines"),
-}
-
-
-def _shapes(conn: Any) -> dict[str, Any]:
-    """Write both shapes from the stored blobs; their write seconds and sizes."""
-    out: dict[str, Any] = {}
-    for name, (ddl, fill) in _SHAPES.items():
-        conn.execute(ddl)
-        started = time.perf_counter()
-        conn.execute(fill)
-        out[f"{name}_write_s"] = time.perf_counter() - started
-        conn.execute(f"ANALYZE bench_{name}")
-        out[f"{name}_bytes"] = int(conn.execute(
-            "SELECT pg_total_relation_size(%s)", (f"bench_{name}",)).fetchone()[0])
-    return out
-
-
-def _from_lines(conn: Any, pattern: str, regex: bool, ic: bool) -> int:
-    """The matching lines of ``pattern`` answered from the line rows: (repo, path, n, text)."""
-    from tasks.search import _query
-
-    q = _query(pattern, regex, ic)
-    return len(conn.execute(
-        "SELECT r.name, f.path, l.n, l.line FROM bench_lines l"
-        " JOIN files f ON f.sha = l.sha AND f.kind = 'text' JOIN repositories r ON"
-        f" r.id = f.repo_id WHERE l.line {q.line_op} %s ORDER BY 1, 2, 3",
-        (q.line_needle,), prepare=False).fetchall())
-
-
 def _measure(conn: Any, repo: Path, env: dict[str, str],
-             spec: tuple[str, str, bool, bool], runs: int, echo: Callable[[str], None],
-             lines: bool = False) -> dict[str, Any]:
-    """One pattern, side by side: in-process, the CLI process, git grep, rg (and the line
-    rows, with ``lines``)."""
+             spec: tuple[str, str, bool, bool], runs: int, echo: Callable[[str], None]
+             ) -> dict[str, Any]:
+    """One pattern, side by side: in-process, the CLI process, git grep, rg."""
     from tasks.search import MAX_LIMIT, search
 
     kind, pattern, regex, ic = spec
@@ -158,16 +113,13 @@ def _measure(conn: Any, repo: Path, env: dict[str, str],
     for peer, (argv, peer_env) in peers.items():
         row[peer] = _median_time(partial(subprocess.run, argv, env=peer_env,
                                          capture_output=True, check=False), max(3, runs // 3))
-    if lines:
-        row["lines_matches"] = _from_lines(conn, pattern, regex, ic)
-        row["lines"] = _median_time(partial(_from_lines, conn, pattern, regex, ic), runs)
     echo(f"{kind:15} {pattern!r:26} {row['matches']:7d} matches  ours "
          f"{row['ours'] * 1000:7.1f} ms  git grep {row['git grep'] * 1000:7.1f} ms")
     return row
 
 
-def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], None],
-                 lines: bool = False) -> dict[str, Any]:
+def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], None]
+                 ) -> dict[str, Any]:
     from tasks.search import MAX_LIMIT, search
     from workers.db import connect
     from workers.settings import Settings
@@ -188,11 +140,11 @@ def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], Non
             echo(f"indexing {source} …")
             index(base, "copy-0")
             conn = connect(Settings.from_env(), autocommit=True)
-            shapes = _shapes(conn) if lines else {}
-            rows = [_measure(conn, base, ws.env, p, runs, echo, lines) for p in PATTERNS]
-            size = conn.execute("SELECT pg_relation_size('blobs_content_trgm'),"
-                                " pg_total_relation_size('blobs'), count(*) FROM blobs"
-                                ).fetchone()
+            rows = [_measure(conn, base, ws.env, p, runs, echo) for p in PATTERNS]
+            size = conn.execute(
+                "SELECT pg_relation_size('lines_trgm'), pg_total_relation_size('blobs'),"
+                " (SELECT count(*) FROM blobs), pg_total_relation_size('lines'),"
+                " (SELECT count(*) FROM lines)").fetchone()
             echo(f"growing the corpus to {copies}x …")
             for n in range(1, copies):
                 index(_copy(source, ws.tmp / f"copy-{n}", str(n)), f"copy-{n}")
@@ -206,7 +158,8 @@ def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], Non
     assert size is not None
     return {"machine": machine(), "source": str(source), "runs": runs, "copies": copies,
             "patterns": rows, "index_bytes": int(size[0]), "blobs_bytes": int(size[1]),
-            "blobs": int(size[2]), "shapes": shapes, "summary": summarize(rows, copies)}
+            "blobs": int(size[2]), "lines_bytes": int(size[3]), "lines": int(size[4]),
+            "summary": summarize(rows, copies)}
 
 
 def summarize(rows: list[dict[str, Any]], copies: int) -> dict[str, float]:
@@ -226,7 +179,5 @@ def summarize(rows: list[dict[str, Any]], copies: int) -> dict[str, float]:
             "median_ours_ms": med("ours") * 1000, "median_git_ms": med("git grep") * 1000,
             "median_cli_ms": med("cli") * 1000,
             "median_rg_ms": med("rg") * 1000,
-            "lines_over_git_all": ratio("lines", "git grep"),
-            "lines_over_git_rare": ratio("lines", "git grep", "rare literal"),
             "growth_rare": ratio(f"ours_{copies}x", "ours", "rare literal"),
             "growth_all": ratio(f"ours_{copies}x", "ours")}

@@ -71,27 +71,23 @@ def bench_reindex_cmd(sizes: str, runs: int, json_out: str | None) -> None:
 @click.option("--source", default=".", show_default=True, help="A git repository to search.")
 @click.option("--copies", default=10, show_default=True, help="Corpus size of the growth run.")
 @click.option("--runs", default=9, show_default=True)
-@click.option("--lines", is_flag=True,
-              help="Also store the corpus one row per line and answer from there (issue 13).")
 @click.option("--json-out", help="Also write the figures to this JSON file.")
-def bench_search_cmd(source: str, copies: int, runs: int, lines: bool,
-                     json_out: str | None) -> None:
+def bench_search_cmd(source: str, copies: int, runs: int, json_out: str | None) -> None:
     """Search vs git grep and rg, in-process and CLI, and as the corpus grows."""
     from pathlib import Path
 
     from bench.common import table, write_json
     from bench.search import bench_search
 
-    doc = bench_search(Path(source).resolve(), copies, runs, click.echo, lines)
+    doc = bench_search(Path(source).resolve(), copies, runs, click.echo)
     click.echo("| kind | pattern | matches | ours ms | CLI ms | git grep ms | rg ms |"
-               f" ours {copies}x ms |" + (" line rows ms (matches) |" if lines else ""))
-    click.echo("|---|---|---|---|---|---|---|---|" + ("---|" if lines else ""))
+               f" ours {copies}x ms |")
+    click.echo("|---|---|---|---|---|---|---|---|")
     for r in doc["patterns"]:
         rg = f"{r['rg'] * 1000:.1f}" if "rg" in r else "-"
-        by_line = f" {r['lines'] * 1000:.1f} ({r['lines_matches']}) |" if lines else ""
         click.echo(f"| {r['kind']} | `{r['pattern']}` | {r['matches']} | {r['ours'] * 1000:.1f} |"
                    f" {r['cli'] * 1000:.0f} | {r['git grep'] * 1000:.1f} | {rg} |"
-                   f" {r[f'ours_{copies}x'] * 1000:.1f} |" + by_line)
+                   f" {r[f'ours_{copies}x'] * 1000:.1f} |")
     s = doc["summary"]
     click.echo(table([
         ("in-process / git grep, rare literals (median)", f"{s['ours_over_git_rare']:.2f}"),
@@ -102,16 +98,9 @@ def bench_search_cmd(source: str, copies: int, runs: int, lines: bool,
          else f"{s['ours_over_rg_literals']:.2f}"),
         (f"growth 1x -> {copies}x, rare literals (median)", f"{s['growth_rare']:.2f}"),
         (f"growth 1x -> {copies}x, all patterns (median)", f"{s['growth_all']:.2f}"),
-        ("trigram index / blobs (with TOAST)",
-         f"{doc['index_bytes'] / 2**20:.1f} MiB / {doc['blobs_bytes'] / 2**20:.1f} MiB"),
-        *(() if not lines else (
-            ("line rows / git grep, all patterns (median)", f"{s['lines_over_git_all']:.2f}"),
-            ("line rows / git grep, rare literals (median)", f"{s['lines_over_git_rare']:.2f}"),
-            ("write into the indexed table: blob rows / line rows",
-             f"{doc['shapes']['blobs_write_s']:.2f} s / {doc['shapes']['lines_write_s']:.2f} s"),
-            ("size with indexes: blob rows / line rows",
-             f"{doc['shapes']['blobs_bytes'] / 2**20:.1f} MiB"
-             f" / {doc['shapes']['lines_bytes'] / 2**20:.1f} MiB"))),
+        ("trigram index / lines (with indexes) / blobs (with TOAST)",
+         f"{doc['index_bytes'] / 2**20:.1f} MiB / {doc['lines_bytes'] / 2**20:.1f} MiB"
+         f" / {doc['blobs_bytes'] / 2**20:.1f} MiB"),
     ]))
     write_json(json_out, doc)
 

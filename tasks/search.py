@@ -1,13 +1,13 @@
 """Search of indexed content, defined as ``git grep -n`` defines it: line by line.
 
 A substring search is ``git grep -F``; a regular expression (PostgreSQL ARE) is matched
-against each line, ``^``/``$`` at line boundaries, nothing crossing a newline. The
-blob-level trigram index (``blobs_content_trgm``) picks the candidate blobs: the
-pre-filter is the same pattern over the whole blob — ``LIKE``/``ILIKE`` for substrings,
-``~``/``~*`` in newline-sensitive mode (``(?n)``) for regexes, both of which pg_trgm
-answers — and only the candidates are split into lines. Patterns only ever travel as
-query parameters, every query is planned with its own parameters (never a generic plan
-that cannot see the trigrams), and a statement timeout bounds expensive ones.
+against each line, ``^``/``$`` at line boundaries, nothing crossing a newline. The index
+holds every line of every text blob as a row (``lines``, ops/migrations/008), with a
+trigram index on the line (``lines_trgm``) that answers ``LIKE``/``ILIKE`` and ``~``/``~*``:
+a pattern with trigrams reads the index and only the lines that match; one without
+(``->``, ``^$``) reads the lines, never a blob. Patterns only ever travel as query
+parameters, every query is planned with its own parameters (never a generic plan that
+cannot see the trigrams), and a statement timeout bounds expensive ones.
 
 Other services call :func:`search` with a psycopg connection of their own.
 """
@@ -26,13 +26,6 @@ from workers.errors import BadInput
 WIDTH = 1000  # characters of a line returned; a longer line comes back as a window
 MAX_LIMIT = 1_000_000
 MAX_CONTEXT = 10
-_LEADING_OPTIONS = re.compile(r"^\(\?([bceiqmnpstwx]+)\)")
-# Matching a pattern against one blob means detoasting, decompressing and scanning it:
-# far dearer than the planner's default operator cost (0.0025), which on a small or
-# mostly-inline corpus makes reading every blob look cheaper than the trigram index.
-# Said within the search transaction only: a hundred times the default (a 5 kB blob is
-# a thousand times a small datum), so a pattern with trigrams is answered by the index.
-OPERATOR_COST = "0.25"
 
 
 @dataclass(frozen=True)
@@ -64,10 +57,8 @@ class Matches(list[Match]):
 
 @dataclass(frozen=True)
 class _Query:
-    blob_op: str
-    blob_needle: str
-    line_op: str
-    line_needle: str
+    op: str
+    needle: str
     column_sql: str
 
 
@@ -75,16 +66,6 @@ def like_pattern(text: str) -> str:
     """``%text%`` with LIKE's wildcards in ``text`` escaped."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
-
-
-def newline_sensitive(pattern: str) -> str:
-    """``pattern`` with the ARE option ``n`` added to its leading options (if any)."""
-    found = _LEADING_OPTIONS.match(pattern)
-    if found:
-        return f"(?n{found[1]}){pattern[found.end():]}"
-    if pattern.startswith("***"):
-        raise BadInput("regular expressions starting with *** (a director) are not supported")
-    return f"(?n){pattern}"
 
 
 def glob_regex(glob: str) -> str:
@@ -120,12 +101,11 @@ def _query(pattern: str, regex: bool, ignore_case: bool) -> _Query:
     if regex:
         op = "~*" if ignore_case else "~"
         flags = "i" if ignore_case else ""
-        return _Query(op, newline_sensitive(pattern), op, pattern,
-                      f"regexp_instr(l.line, %(needle)s, 1, 1, 0, '{flags}')")
+        return _Query(op, pattern, f"regexp_instr(l.line, %(needle)s, 1, 1, 0, '{flags}')")
     op = "ILIKE" if ignore_case else "LIKE"
     column = ("regexp_instr(l.line, %(literal)s, 1, 1, 0, 'iq')" if ignore_case
               else "strpos(l.line, %(literal)s)")
-    return _Query(op, like_pattern(pattern), op, like_pattern(pattern), column)
+    return _Query(op, like_pattern(pattern), column)
 
 
 def _filters(repos: Sequence[str], paths: Sequence[str], langs: Sequence[str]) -> str:
@@ -145,17 +125,14 @@ def sql(pattern: str, *, regex: bool = False, ignore_case: bool = False,
     """The statement and parameters of a search (EXPLAIN it to see the plan)."""
     q = _query(pattern, regex, ignore_case)
     statement = (
-        "SELECT r.name, f.path, l.n, b.sha, l.line, " + q.column_sql + " AS col"
-        " FROM blobs b JOIN files f ON f.sha = b.sha AND f.kind = 'text'"
-        " JOIN repositories r ON r.id = f.repo_id,"
-        " LATERAL unnest(string_to_array(b.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
-        f" WHERE b.content {q.blob_op} %(blob_needle)s AND l.line {q.line_op} %(needle)s"
-        " AND l.n <= b.lines" + _filters(repos, paths, langs) +
+        "SELECT r.name, f.path, l.n, l.sha, l.line, " + q.column_sql + " AS col"
+        " FROM lines l JOIN files f ON f.sha = l.sha AND f.kind = 'text'"
+        " JOIN repositories r ON r.id = f.repo_id"
+        f" WHERE l.line {q.op} %(needle)s" + _filters(repos, paths, langs) +
         " ORDER BY r.name, f.path, l.n LIMIT %(limit)s"
     )
-    params = {"blob_needle": q.blob_needle, "needle": q.line_needle, "literal": pattern,
-              "repos": list(repos), "paths": [glob_regex(g) for g in paths],
-              "langs": list(langs), "limit": 1}
+    params = {"needle": q.needle, "literal": pattern, "repos": list(repos),
+              "paths": [glob_regex(g) for g in paths], "langs": list(langs), "limit": 1}
     return statement, params
 
 
@@ -210,8 +187,7 @@ def explain(conn: psycopg.Connection[Any], pattern: str, **options: Any) -> str:
 
 
 def _settings(conn: psycopg.Connection[Any], timeout_ms: int) -> None:
-    conn.execute("SELECT set_config('statement_timeout', %s, true),"
-                 " set_config('cpu_operator_cost', %s, true)", (str(timeout_ms), OPERATOR_COST))
+    conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
 
 
 def _context(conn: psycopg.Connection[Any], rows: list[Any], context: int

@@ -133,10 +133,25 @@ def stored(conn: Conn, name: str) -> dict[str, Any] | None:
                      "skipped", "not_utf8"), row, strict=True))
 
 
+# The blobs this run read, and the lines of each (search's rows, ops/migrations/008): a
+# blob another run stored meanwhile is skipped, lines and all.
+_ADD_BLOBS = (
+    "WITH added AS (INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING"
+    " RETURNING sha, content, lines) INSERT INTO lines SELECT a.sha, l.n, l.line FROM added a,"
+    " unnest(string_to_array(a.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
+    " WHERE a.content IS NOT NULL AND l.n <= a.lines")
+# Blobs (of those ``among`` selects) that no file references, deleted with their lines;
+# the count of blobs deleted.
+_DROP_BLOBS = (
+    "WITH d AS (DELETE FROM blobs b {among} NOT EXISTS"
+    " (SELECT 1 FROM files f WHERE f.sha = b.sha) RETURNING b.sha),"
+    " l AS (DELETE FROM lines USING d WHERE lines.sha = d.sha) SELECT count(*) FROM d")
+
+
 def apply(conn: Conn, repo_id: int, commit: str, job_id: str, decided: dict[str, Any]
           ) -> dict[str, Any]:
     """Make ``files`` of the repository equal ``tree``; return the counts of the run."""
-    conn.execute("INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING")
+    conn.execute(_ADD_BLOBS)
     removed = conn.execute(
         "DELETE FROM files f WHERE f.repo_id = %(repo)s AND NOT EXISTS (SELECT 1 FROM tree t"
         " WHERE " + _SAME.format(f="f", t="t") + ")", {"repo": repo_id}).rowcount
@@ -152,7 +167,7 @@ def apply_changes(conn: Conn, repo_id: int, commit: str, job_id: str, decided: d
     """Drop the rows at ``paths`` and add ``tree`` (the new side of those paths): the index
     of ``before['commit']`` becomes that of ``commit``. The counts are today's counts of
     the whole repository, kept up to date from the rows dropped and added."""
-    conn.execute("INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING")
+    conn.execute(_ADD_BLOBS)
     gone = _counted(conn, "DELETE FROM files WHERE repo_id = %(repo)s"
                           " AND path = ANY(%(paths)s::text[]) RETURNING kind, sha",
                     {"repo": repo_id, "paths": paths})
@@ -194,17 +209,19 @@ def delete_repository(conn: Conn, name: str) -> dict[str, Any]:
                  " SELECT DISTINCT sha FROM files WHERE repo_id = %s", (row[0],))
     conn.execute("DELETE FROM repositories WHERE id = %s", (row[0],))
     lock_blobs(conn, exclusive=True)
-    blobs = conn.execute("DELETE FROM blobs b USING gone g WHERE b.sha = g.sha AND NOT EXISTS"
-                         " (SELECT 1 FROM files f WHERE f.sha = b.sha)").rowcount
+    blobs = _count(conn, _DROP_BLOBS.format(among="USING gone g WHERE b.sha = g.sha AND"))
     return {"repository": name, "deleted": True, "files": int(row[1]), "blobs": blobs}
 
 
 def collect_garbage(conn: Conn) -> dict[str, Any]:
     """Delete blobs no file references any more (left behind by re-indexing)."""
     lock_blobs(conn, exclusive=True)
-    blobs = conn.execute("DELETE FROM blobs b WHERE NOT EXISTS"
-                         " (SELECT 1 FROM files f WHERE f.sha = b.sha)").rowcount
-    return {"blobs": blobs}
+    return {"blobs": _count(conn, _DROP_BLOBS.format(among="WHERE"))}
+
+
+def _count(conn: Conn, statement: str) -> int:
+    row = conn.execute(statement).fetchone()
+    return int(row[0]) if row else 0
 
 
 # autovacuum's own rule for when a table needs ANALYZE (threshold + scale factor * rows),
@@ -216,13 +233,15 @@ ANALYZE_THRESHOLD, ANALYZE_SCALE = 50, 0.1
 def keep_statistics(conn: Conn, changed: int) -> list[str]:
     """ANALYZE ``blobs`` and ``files`` where rows changed since their last analysis (this
     operation's ``changed`` included: its counts reach the statistics a moment later)
-    exceed autovacuum's threshold; outside the operation's transaction. Returns them."""
+    exceed autovacuum's threshold, and ``lines`` with ``blobs`` (written together);
+    outside the operation's transaction. Returns them."""
     rows = conn.execute(
         "SELECT c.relname, s.n_mod_since_analyze, c.reltuples FROM pg_class c"
         " JOIN pg_stat_user_tables s ON s.relid = c.oid"
         " WHERE c.oid IN ('blobs'::regclass, 'files'::regclass)").fetchall()
     stale = [name for name, mods, tuples in rows
              if mods + changed > ANALYZE_THRESHOLD + ANALYZE_SCALE * max(float(tuples), 0.0)]
+    stale += ["lines"] if "blobs" in stale else []
     for name in stale:
         conn.execute(f"ANALYZE {name}")
     conn.commit()
@@ -235,7 +254,7 @@ def flush_search_index(conn: Conn) -> None:
     search for a rare literal then reads a few index pages instead of the list. Only
     VACUUM and autoanalyze do it otherwise, and autovacuum may be off."""
     try:
-        conn.execute("SELECT gin_clean_pending_list('blobs_content_trgm'::regclass)")
+        conn.execute("SELECT gin_clean_pending_list('lines_trgm'::regclass)")
         conn.commit()
     except psycopg.errors.InsufficientPrivilege:  # not the owner: VACUUM will do it
         conn.rollback()

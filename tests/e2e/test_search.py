@@ -1,4 +1,5 @@
-"""Search answers exactly what ``git grep -n`` answers (issue 13), through the trigram index.
+"""Search answers exactly what ``git grep -n`` answers (issue 13), through the trigram index
+of the stored lines.
 
 A generated repository full of traps is indexed by the session's real worker; for every
 pattern of the table the (path, line) set equals what ``git grep`` says on the same
@@ -168,8 +169,8 @@ def test_limit_and_truncation(indexed: Path, db: psycopg.Connection[Any]) -> Non
 def test_the_trigram_index_answers_with_statistics_the_product_kept(
         worker: WorkerProcess, celery_app: Any, roots: Path, db: psycopg.Connection[Any]) -> None:
     """With autovacuum off for the tables, the product's own ANALYZE (after operations that
-    change many rows) gives the planner what it needs to use ``blobs_content_trgm``."""
-    for table in ("blobs", "files", "repositories"):
+    change many rows) gives the planner what it needs to use ``lines_trgm``."""
+    for table in ("blobs", "lines", "files", "repositories"):
         db.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false,"
                    " toast.autovacuum_enabled = false)")
     repo = roots / "trgm-plan"
@@ -177,15 +178,15 @@ def test_the_trigram_index_answers_with_statistics_the_product_kept(
     job = run(celery_app, "repoindex.index_repository", source=str(repo), name="trgm-plan")
     assert job.state == "SUCCESS", job.result
     stats = db.execute("SELECT relname, last_analyze IS NOT NULL, last_autoanalyze IS NULL"
-                       " FROM pg_stat_user_tables WHERE relname IN ('blobs', 'files')"
+                       " FROM pg_stat_user_tables WHERE relname IN ('blobs', 'files', 'lines')"
                        " ORDER BY 1").fetchall()
-    assert stats == [("blobs", True, True), ("files", True, True)]
+    assert stats == [("blobs", True, True), ("files", True, True), ("lines", True, True)]
     for pattern, regex, ignore_case in [("zebra-quokka", False, False),
                                         ("ZEBRA-quokka", False, True),
                                         ("^the zebra.*here$", True, False),
                                         ("quokka-[0-9]+", True, True)]:
         plan = searching.explain(db, pattern, regex=regex, ignore_case=ignore_case)
-        assert "blobs_content_trgm" in plan, plan
+        assert "lines_trgm" in plan, plan
     assert [m.path for m in searching.search(db, "zebra-quokka", repo="trgm-plan")] == \
         ["marker/found.txt"]
 

@@ -181,7 +181,8 @@ def test_send_task_by_name_without_our_code(worker: WorkerProcess, good_repo: Pa
 def test_delete_repository_removes_only_its_blobs(worker: WorkerProcess, celery_app: Any,
                                                   db: psycopg.Connection[Any],
                                                   roots: Path) -> None:
-    """Blobs shared with another repository stay; blobs only it referenced go."""
+    """Blobs shared with another repository stay; blobs only it referenced go, with their
+    line rows; garbage collection takes what a re-index left unreferenced."""
     a, b = gitrepo.init(roots / "del-a"), gitrepo.init(roots / "del-b")
     gitrepo.write(a / "shared.txt", "shared content\n")
     gitrepo.write(b / "shared.txt", "shared content\n")
@@ -196,8 +197,21 @@ def test_delete_repository_removes_only_its_blobs(worker: WorkerProcess, celery_
                       ).fetchone() == (1,)
     assert db.execute("SELECT count(*) FROM blobs WHERE content = 'only in a\n'"
                       ).fetchone() == (0,)
+    # search's line rows go with their blob, and only with it
+    assert db.execute("SELECT line, count(*) FROM lines WHERE line IN ('shared content',"
+                      " 'only in a') GROUP BY line").fetchall() == [("shared content", 1)]
     again = run(celery_app, "repoindex.delete_repository", name="del-a")
     assert again.result["deleted"] is False
+    # a re-index leaves the old blob unreferenced; garbage collection takes it, lines and all
+    gitrepo.write(b / "shared.txt", "changed content\n")
+    gitrepo.commit(b)
+    assert run(celery_app, "repoindex.index_repository", source=str(b)).state == "SUCCESS"
+    collected = run(celery_app, "repoindex.collect_garbage")
+    assert collected.state == "SUCCESS" and collected.result["blobs"] >= 1, collected.result
+    assert db.execute("SELECT line FROM lines WHERE line IN ('shared content',"
+                      " 'changed content')").fetchall() == [("changed content",)]
+    assert db.execute("SELECT count(*) FROM lines l WHERE NOT EXISTS"
+                      " (SELECT 1 FROM blobs b WHERE b.sha = l.sha)").fetchone() == (0,)
     bad = run(celery_app, "repoindex.delete_repository", name="-rf")
     assert bad.state == "FAILURE" and "invalid repository name" in str(bad.result)
 
