@@ -69,6 +69,34 @@ def test_migrations_idempotent_and_concurrent(tmp_path: Path) -> None:
         devservices.drop_database(admin, name)
 
 
+def test_lines_migration_moves_an_existing_index_over(tmp_path: Path) -> None:
+    """An index made before search read lines (migrations up to 007) gets its line rows
+    from its stored blobs, numbered as git numbers them, and loses the blob trigram index."""
+    admin = devservices.with_database(os.environ["DATABASE_URL"], "postgres")
+    name = f"repoindex_lines_{os.getpid()}"
+    url = devservices.create_database(admin, name)
+    older = tmp_path / "migrations"
+    older.mkdir()
+    for path in MIGRATIONS.glob("[0-9][0-9][0-9]_*.sql"):
+        if path.stem < "008":
+            (older / path.name).write_text(path.read_text())
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            migrate(conn, older)
+            conn.execute("INSERT INTO blobs (sha, size, is_binary, lines, content) VALUES"
+                         " ('a', 9, false, 3, E'one\\r\\n\\nthree\\n'),"
+                         " ('b', 4, false, 1, 'tail'), ('e', 0, false, 0, ''),"
+                         " ('bin', 3, true, 0, NULL)")
+            assert migrate(conn) == ["008_lines"]
+            assert conn.execute("SELECT sha, n, line FROM lines ORDER BY sha, n").fetchall() \
+                == [("a", 1, "one\r"), ("a", 2, ""), ("a", 3, "three"), ("b", 1, "tail")]
+            assert conn.execute("SELECT to_regclass('blobs_content_trgm') IS NULL,"
+                                " to_regclass('lines_trgm') IS NOT NULL").fetchone() \
+                == (True, True)
+    finally:
+        devservices.drop_database(admin, name)
+
+
 def test_throwaway_postgres_and_redis(tmp_path: Path) -> None:
     """The fallback a fresh machine gets: servers from the binaries on PATH, then removed."""
     redis_server = devservices.RedisServer(tmp_path).start()

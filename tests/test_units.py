@@ -183,8 +183,9 @@ def test_expensive_search_is_cut_by_the_statement_timeout(db: psycopg.Connection
                           " ('slow-search', '/x', 'HEAD') RETURNING id").fetchone()
         assert repo is not None
         big = "ab" * (2 << 20)
-        db.execute("INSERT INTO blobs (sha, size, is_binary, content) VALUES ('slow', %s,"
-                   " false, %s)", (len(big), big))
+        db.execute("INSERT INTO blobs (sha, size, is_binary, lines, content) VALUES ('slow',"
+                   " %s, false, 1, %s)", (len(big), big))
+        db.execute("INSERT INTO lines (sha, n, line) VALUES ('slow', 1, %s)", (big,))
         db.execute("INSERT INTO files (repo_id, path, sha, mode, kind) VALUES"
                    " (%s, 'big.txt', 'slow', 33188, 'text')", (repo[0],))
         with pytest.raises(BadInput, match="search took longer than 1 ms"):
