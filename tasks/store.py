@@ -226,7 +226,7 @@ def _count(conn: Conn, statement: str) -> int:
 
 # autovacuum's own rule for when a table needs ANALYZE (threshold + scale factor * rows),
 # applied by the product: a server may run with autovacuum off, and a table nobody
-# analyzed is planned as if empty (search would read every blob, never the trigram index)
+# analyzed is planned as if empty (search would read every line, never the trigram index)
 ANALYZE_THRESHOLD, ANALYZE_SCALE = 50, 0.1
 
 
