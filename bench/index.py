@@ -15,6 +15,7 @@ from typing import Any
 
 from bench.common import make_repo, reset, workspace
 from devtools.launcher import WorkerProcess
+from tasks.store import LINES_OF
 from workers import memory
 
 
@@ -42,9 +43,7 @@ def floor_index(database_url: str, repo: Path) -> float:
                 copy.write_row((sha, len(data), False, data.count(b"\n"), data.decode()))
                 rows.append((repo_id[0], path.decode(), sha, int(meta.split()[0], 8),
                              len(data), "python", "text"))
-        conn.execute("INSERT INTO lines SELECT b.sha, l.n, l.line FROM blobs b,"
-                     " unnest(string_to_array(b.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
-                     " WHERE l.n <= b.lines")
+        conn.execute("INSERT INTO lines " + LINES_OF.format(blobs="blobs"))
         with conn.cursor().copy("COPY files (repo_id, path, sha, mode, size, language, kind)"
                                 " FROM STDIN") as copy:
             for row in rows:

@@ -6,7 +6,6 @@ the in-process median of :func:`tasks.search.search` (every match, limit 1,000,0
 whole ``repoindex search`` process, ``git grep -n`` on the checkout and ``rg -n`` when
 installed. Then the corpus grows to ``--copies`` times (copies whose every file differs by
 one line, so no blob is shared) and the in-process medians are taken again.
-
 """
 
 from __future__ import annotations

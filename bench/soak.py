@@ -111,10 +111,10 @@ def _child_reading(pid: int) -> dict[str, int] | None:
         return None
 
 
-def _floor(points: list[tuple[float, int, dict[str, int]]]) -> int:
-    """The fewest non-socket fds of these readings (what the child holds between
-    operations)."""
-    return min(r["files"] for _, _, r in points)
+def _fewest(points: list[tuple[float, int, dict[str, int]]]) -> dict[str, int]:
+    """The reading with the fewest non-socket fds (what the child holds between
+    operations: a reading may fall inside one, whose temp files and git pipes are open)."""
+    return min((r for _, _, r in points), key=lambda r: r["files"])
 
 
 def _connections(database_url: str) -> int:
@@ -173,6 +173,7 @@ class Run:
         for pid, points in self.series.items():
             warm = points[len(points) // 10:] or points  # after warm-up: the first 10%
             quarter = max(1, len(warm) // 4)
+            first, last = _fewest(warm[:quarter]), _fewest(warm[-quarter:])
             ops = [float(o) for _, o, _ in warm]
             hours = [t / 3600 for t, _, _ in warm]
             rss = [float(r["rss"]) for _, _, r in warm]
@@ -181,14 +182,12 @@ class Run:
                 # a child replaced within its first few readings has no "after warm-up"
                 # (its pollers and connections open at its first operations)
                 "warmed_up": len(points) >= MIN_READINGS,
-                # fds other than sockets: files, pipes, eventfds (exact; any change is news).
-                # A reading may fall inside an operation, whose temp files and git pipes
-                # are open then: the floors of the first and last quarter compare what stays
-                "fd_growth_after_warmup": _floor(warm[-quarter:]) - _floor(warm[:quarter]),
-                # by kind (pipe, anon_inode, path, ...), first and last reading after warm-up
-                "fd_kinds": {k[3:]: [warm[0][2].get(k, 0), warm[-1][2].get(k, 0)]
-                             for k in sorted({*warm[0][2], *warm[-1][2]})
-                             if k.startswith("fd_")},
+                # fds other than sockets: files, pipes, eventfds (exact; any change is news),
+                # the fewest of the first quarter after warm-up against those of the last
+                "fd_growth_after_warmup": last["files"] - first["files"],
+                # by kind (pipe, anon_inode, path, ...), in those two readings
+                "fd_kinds": {k[3:]: [first.get(k, 0), last.get(k, 0)]
+                             for k in sorted({*first, *last}) if k.startswith("fd_")},
                 # sockets: how far their count ranged (pool and Redis connections)
                 "socket_range": max(r["sockets"] for _, _, r in warm)
                 - min(r["sockets"] for _, _, r in warm),

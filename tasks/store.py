@@ -133,13 +133,16 @@ def stored(conn: Conn, name: str) -> dict[str, Any] | None:
                      "skipped", "not_utf8"), row, strict=True))
 
 
-# The blobs this run read, and the lines of each (search's rows, ops/migrations/008): a
-# blob another run stored meanwhile is skipped, lines and all.
+# The rows of ``lines`` (search's, ops/migrations/008) of the blob rows ``{blobs}`` names,
+# numbered as `git grep -n` numbers lines: split at \n only, no line after a final newline.
+LINES_OF = ("SELECT b.sha, l.n, l.line FROM {blobs} b,"
+            " unnest(string_to_array(b.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
+            " WHERE b.content IS NOT NULL AND l.n <= b.lines")
+# The blobs this run read, and their lines: a blob another run stored meanwhile is
+# skipped, lines and all.
 _ADD_BLOBS = (
     "WITH added AS (INSERT INTO blobs SELECT * FROM new_blobs ON CONFLICT (sha) DO NOTHING"
-    " RETURNING sha, content, lines) INSERT INTO lines SELECT a.sha, l.n, l.line FROM added a,"
-    " unnest(string_to_array(a.content, E'\\n')) WITH ORDINALITY AS l(line, n)"
-    " WHERE a.content IS NOT NULL AND l.n <= a.lines")
+    " RETURNING sha, content, lines) INSERT INTO lines " + LINES_OF.format(blobs="added"))
 # Blobs (of those ``among`` selects) that no file references, deleted with their lines;
 # the count of blobs deleted.
 _DROP_BLOBS = (
