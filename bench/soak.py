@@ -103,8 +103,17 @@ def _child_reading(pid: int) -> dict[str, int] | None:
         for link in links:
             kind = link.split(":", 1)[0] if ":" in link and not link.startswith("/") \
                 else "path"
+            if kind == "anon_inode":  # which: eventfd, eventpoll, timerfd, pidfd, ...
+                kind = link.split(":", 1)[1].strip("[]") or kind
             kinds[kind] = kinds.get(kind, 0) + 1
-        return {"rss": int(proc.memory_info().rss), "uss": int(proc.memory_full_info().uss),
+        rss = int(proc.memory_info().rss)
+        if not links or not rss:
+            # the child is exiting (recycled or shut down): the kernel has released its
+            # memory and closed its fds (every live child holds its pipes to the parent);
+            # such a reading says nothing about what it holds between operations
+            return None
+        return {"at_ms": int(time.time() * 1000), "rss": rss,
+                "uss": int(proc.memory_full_info().uss),
                 "fds": len(links), "sockets": sockets, "files": len(links) - sockets,
                 **{f"fd_{k}": n for k, n in kinds.items()}}
     except (psutil.NoSuchProcess, FileNotFoundError):
@@ -115,6 +124,20 @@ def _fewest(points: list[tuple[float, int, dict[str, int]]]) -> dict[str, int]:
     """The reading with the fewest non-socket fds (what the child holds between
     operations: a reading may fall inside one, whose temp files and git pipes are open)."""
     return min((r for _, _, r in points), key=lambda r: r["files"])
+
+
+def _first_reports(database_url: str) -> dict[int, float]:
+    """Per child pid, when its first operation that reported progress ended (the ledger's
+    wall clock): the first progress report opens the child's broker connection for events
+    (a socket, and kombu's epolls), which it then keeps for its life."""
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT pid, extract(epoch FROM min(finished_at)) FROM runs"
+            " WHERE task = 'repoindex.index_repository' AND state = 'succeeded'"
+            " AND counts->>'strategy' IN ('full', 'delta') GROUP BY pid").fetchall()
+    return {int(pid): float(at) for pid, at in rows if pid is not None}
 
 
 def _connections(database_url: str) -> int:
@@ -148,8 +171,10 @@ def _job(app: Any, queue: str, kind: str, repos: list[Path], i: int) -> Any:
 class Run:
     """What a soak has measured so far; ``doc()`` is its JSON, written after every batch."""
 
-    def __init__(self, compress: float, env: dict[str, str], redis_timeout: int) -> None:
+    def __init__(self, compress: float, env: dict[str, str], redis_timeout: int,
+                 database_url: str) -> None:
         self.compress, self.env, self.redis_timeout = compress, env, redis_timeout
+        self.database_url = database_url
         self.started = time.monotonic()
         self.series: dict[int, list[tuple[float, int, dict[str, int]]]] = {}  # pid: t, ops, …
         self.sessions: list[tuple[float, int]] = []
@@ -170,8 +195,15 @@ class Run:
 
     def doc(self, *, finished: bool) -> dict[str, Any]:
         children = {}
+        reported = _first_reports(self.database_url)
         for pid, points in self.series.items():
-            warm = points[len(points) // 10:] or points  # after warm-up: the first 10%
+            # after warm-up: after the first 10% of the child's readings and after its first
+            # operation that reported progress (until then it holds no events connection;
+            # a child that ran only unchanged re-indexes, failures, deletes and canaries for
+            # its first readings opens it later, +2 epolls and its sockets)
+            begun = reported.get(pid, float("inf"))
+            after = [p for p in points[len(points) // 10:] if p[2]["at_ms"] > begun * 1000]
+            warm = after or points  # figures of a child not warmed up are not judged
             quarter = max(1, len(warm) // 4)
             first, last = _fewest(warm[:quarter]), _fewest(warm[-quarter:])
             ops = [float(o) for _, o, _ in warm]
@@ -181,7 +213,7 @@ class Run:
                 "readings": len(points),
                 # a child replaced within its first few readings has no "after warm-up"
                 # (its pollers and connections open at its first operations)
-                "warmed_up": len(points) >= MIN_READINGS,
+                "warmed_up": len(after) >= MIN_READINGS,
                 # fds other than sockets: files, pipes, eventfds (exact; any change is news),
                 # the fewest of the first quarter after warm-up against those of the last
                 "fd_growth_after_warmup": last["files"] - first["files"],
@@ -241,7 +273,7 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
         server = redis.Redis.from_url(ep.redis_url)
         idle = max(1, round(REDIS_IDLE_TIMEOUT / compress))
         server.config_set("timeout", idle)
-        run = Run(compress, env, idle)
+        run = Run(compress, env, idle, ep.database_url)
         repos = [make_repo(tmp / f"repo{i}", 200) for i in range(4)]
         for repo in repos:
             (repo / "changing.txt").write_text("start\n")

@@ -33,8 +33,12 @@ def test_compressed_day_lives_through_every_time_driven_event(tmp_path: Path) ->
     assert (doc["leak_warnings"], doc["suspected_memory_leaks"], doc["temp_left"]) == (0, 0, 0)
     # No child's fds (sockets apart) changed after warm-up. Two CI runs saw -1 and +1 (a
     # `path` fd): readings that caught the child's own bookkeeping open (its stats file, its
-    # sampler's /proc reads); the soak leaves those out, as the lifecycle tests do. A child
-    # replaced within its first readings has no after-warm-up to judge.
+    # sampler's /proc reads); the soak leaves those out, as the lifecycle tests do. After
+    # warm-up = after a child's first operation that reported progress (which opens its
+    # events connection: a CI run saw +2 epolls in a child whose first readings followed only
+    # unchanged re-indexes and failures) and its first 10% of readings; a child replaced
+    # within a few readings after that has nothing to judge. A reading of a child that is
+    # exiting (no memory, no fds: a CI run saw -22) is not taken.
     warmed = [c for c in doc["children"].values() if c["warmed_up"]]
     assert len(warmed) >= 2
     grown = {pid: (c["fd_growth_after_warmup"], c["fd_kinds"])
