@@ -4,8 +4,11 @@ The source (default: the repository of the current directory) is copied into a w
 and indexed by a real worker; then, for a fixed set of patterns, side by side in one run:
 the in-process median of :func:`tasks.search.search` (every match, limit 1,000,000), the
 whole ``repoindex search`` process, ``git grep -n`` on the checkout and ``rg -n`` when
-installed. Then the corpus grows to ``--copies`` times (copies whose every file differs by
-one line, so no blob is shared) and the in-process medians are taken again.
+installed. Then the corpus grows and the in-process medians are taken again: to
+``--copies`` times (copies whose every file differs by one line, so no blob is shared: every
+match, and every line a rare literal's trigrams point at, is there ``copies`` times), or with
+``--grow-with`` directories (other code: a rare literal stays rare; the factor is the number
+of lines after over before).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,22 @@ def _copy(source: Path, target: Path, tag: str | None) -> Path:
     return target
 
 
+def _tree(source: Path, target: Path) -> Path:
+    """``source`` as a repository of its own: a clone of a repository's HEAD, or a
+    directory's files (caches and symlinks left out) committed into a new one."""
+    if (source / ".git").exists():
+        return _copy(source, target, None)
+    shutil.copytree(source, target, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
+    for path in list(target.rglob("*")):
+        if path.is_symlink():
+            path.unlink()
+    subprocess.run(["git", "-C", str(target), "init", "-q"], check=True)
+    subprocess.run(["git", "-C", str(target), "add", "-A"], check=True)
+    subprocess.run([*GIT, "-C", str(target), "commit", "-qm", f"{source}"], check=True)
+    return target
+
+
 def _peers(repo: Path, pattern: str, regex: bool, ignore_case: bool) -> dict[str, list[str]]:
     git = ["git", "-C", str(repo), "grep", "-n", "-I", "-E" if regex else "-F"]
     rg = ["rg", "-n", "--no-config", *(() if regex else ("-F",))]
@@ -117,8 +136,8 @@ def _measure(conn: Any, repo: Path, env: dict[str, str],
     return row
 
 
-def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], None]
-                 ) -> dict[str, Any]:
+def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], None],
+                 grow_with: Sequence[Path] = ()) -> dict[str, Any]:
     from tasks.search import MAX_LIMIT, search
     from workers.db import connect
     from workers.settings import Settings
@@ -144,24 +163,32 @@ def bench_search(source: Path, copies: int, runs: int, echo: Callable[[str], Non
                 "SELECT pg_relation_size('lines_trgm'), pg_total_relation_size('blobs'),"
                 " (SELECT count(*) FROM blobs), pg_total_relation_size('lines'),"
                 " (SELECT count(*) FROM lines)").fetchone()
-            echo(f"growing the corpus to {copies}x …")
-            for n in range(1, copies):
-                index(_copy(source, ws.tmp / f"copy-{n}", str(n)), f"copy-{n}")
+            if grow_with:
+                echo(f"growing the corpus with {len(grow_with)} other trees …")
+                for n, tree in enumerate(grow_with, 1):
+                    index(_tree(tree, ws.tmp / f"grow-{n}"), f"grow-{n}-{tree.name}")
+            else:
+                echo(f"growing the corpus to {copies}x …")
+                for n in range(1, copies):
+                    index(_copy(source, ws.tmp / f"copy-{n}", str(n)), f"copy-{n}")
+            grown = conn.execute("SELECT count(*) FROM lines").fetchone()
             for row, (_, pattern, regex, ic) in zip(rows, PATTERNS, strict=True):
-                row[f"ours_{copies}x"] = _median_time(partial(
+                row["ours_grown"] = _median_time(partial(
                     search, conn, pattern, regex=regex, ignore_case=ic, limit=MAX_LIMIT,
                     timeout_ms=60_000), runs)
             conn.close()
         finally:
             worker.stop()
-    assert size is not None
+    assert size is not None and grown is not None
+    factor = int(grown[0]) / max(1, int(size[4]))
     return {"machine": machine(), "source": str(source), "runs": runs, "copies": copies,
+            "grown_with": [str(t) for t in grow_with], "growth_factor": factor,
             "patterns": rows, "index_bytes": int(size[0]), "blobs_bytes": int(size[1]),
             "blobs": int(size[2]), "lines_bytes": int(size[3]), "lines": int(size[4]),
-            "summary": summarize(rows, copies)}
+            "summary": summarize(rows)}
 
 
-def summarize(rows: list[dict[str, Any]], copies: int) -> dict[str, float]:
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     def med(key: str, only: str | None = None) -> float:
         values = [r[key] for r in rows if key in r and (only is None or r["kind"] == only)]
         return statistics.median(values) if values else float("nan")
@@ -178,5 +205,5 @@ def summarize(rows: list[dict[str, Any]], copies: int) -> dict[str, float]:
             "median_ours_ms": med("ours") * 1000, "median_git_ms": med("git grep") * 1000,
             "median_cli_ms": med("cli") * 1000,
             "median_rg_ms": med("rg") * 1000,
-            "growth_rare": ratio(f"ours_{copies}x", "ours", "rare literal"),
-            "growth_all": ratio(f"ours_{copies}x", "ours")}
+            "growth_rare": ratio("ours_grown", "ours", "rare literal"),
+            "growth_all": ratio("ours_grown", "ours")}

@@ -235,6 +235,38 @@ def test_worker_command_execs_celery(session_env: dict[str, str], tmp_path: Path
     text = log.read_text()
     assert "cliworker@" in text and " ready." in text
     assert "swept" not in text and " WARNING " not in text.split(" ready.", 1)[0], text
+def test_search_benchmark_grows_with_other_code(session_env: dict[str, str],
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """`bench search --grow-with`: a plain directory of other code becomes a repository of
+    its own and grows the corpus; every pattern is timed before and after (the figures are
+    not asserted)."""
+    from bench.common import make_repo
+    from bench.search import PATTERNS
+
+    for key in ("REPOINDEX_ROOTS", "REPOINDEX_TEMP_DIR"):
+        monkeypatch.setenv(key, os.environ[key])
+    source = make_repo(tmp_path / "source", 30)
+    other = tmp_path / "other"
+    for i in range(40):
+        (other / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (other / f"d{i % 4}" / f"m{i}.c").write_text(
+            "".join(f"int settings_{i}_{j}(void) {{ return {j}; }}\n" for j in range(50)))
+    (other / "__pycache__").mkdir()
+    (other / "__pycache__" / "x.pyc").write_bytes(b"\0")  # left out, as caches are
+    out = CliRunner().invoke(main, ["bench", "search", "--source", str(source), "--grow-with",
+                                    str(other), "--runs", "1", "--json-out",
+                                    str(tmp_path / "s.json")])
+    assert out.exit_code == 0, out.output
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["grown_with"] == [str(other)]
+    lines = sum(p.read_text().count("\n") for p in other.rglob("*.c"))  # 50 a file
+    assert doc["growth_factor"] == pytest.approx((doc["lines"] + lines) / doc["lines"])
+    assert [r["pattern"] for r in doc["patterns"]] == [p for _, p, _, _ in PATTERNS]
+    assert all(r["ours_grown"] > 0 and r["git grep"] > 0 for r in doc["patterns"])
+    assert "other code, by lines" in out.output and "| rare literal |" in out.output
+
+
 def test_benchmarks_run_and_print_tables(session_env: dict[str, str],
                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Small runs of both benchmarks, in a database of their own (the figures are not
