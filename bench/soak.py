@@ -175,6 +175,7 @@ class Run:
                  database_url: str) -> None:
         self.compress, self.env, self.redis_timeout = compress, env, redis_timeout
         self.database_url = database_url
+        self.reported: dict[int, float] = {}  # pid: when its first progress report ended
         self.started = time.monotonic()
         self.series: dict[int, list[tuple[float, int, dict[str, int]]]] = {}  # pid: t, ops, …
         self.sessions: list[tuple[float, int]] = []
@@ -195,13 +196,12 @@ class Run:
 
     def doc(self, *, finished: bool) -> dict[str, Any]:
         children = {}
-        reported = _first_reports(self.database_url)
         for pid, points in self.series.items():
             # after warm-up: after the first 10% of the child's readings and after its first
             # operation that reported progress (until then it holds no events connection;
             # a child that ran only unchanged re-indexes, failures, deletes and canaries for
             # its first readings opens it later, +2 epolls and its sockets)
-            begun = reported.get(pid, float("inf"))
+            begun = self.reported.get(pid, float("inf"))
             after = [p for p in points[len(points) // 10:] if p[2]["at_ms"] > begun * 1000]
             warm = after or points  # figures of a child not warmed up are not judged
             quarter = max(1, len(warm) // 4)
@@ -310,6 +310,9 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
                     if reading is not None:
                         run.series.setdefault(pid, []).append((t, run.done, reading))
                 run.sessions.append((t, _connections(ep.database_url)))
+                # read here, while the workspace's database exists (the last doc() is
+                # built after it is dropped)
+                run.reported = _first_reports(ep.database_url)
                 for sent, job_id in watched:
                     if job_id not in expired and t - sent > expiry \
                             and not server.exists(f"celery-task-meta-{job_id}"):
