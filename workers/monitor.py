@@ -63,6 +63,10 @@ class Monitor(bootsteps.StartStopStep):
             metrics.stats_dir(settings.temp_dir, os.getpid()), worker=worker.hostname,
             memory_limit=settings.max_memory_per_child_mb * 2**20,
             children=lambda: [c.pid for c in me.children()], on_died=alerts.report_child_died)
+        # made here, not at a child's first publish: from "ready" on, the temp directory
+        # holds the worker's own stats directory (and no sweep takes it for a dead one's)
+        with contextlib.suppress(OSError):  # figures are best effort, as publish's are
+            self.metrics.directory.mkdir(parents=True, exist_ok=True)
         alerts.init(settings.sentry_dsn)  # the main process's own errors and reports
         self._stop.clear()
         self._folder = threading.Thread(target=self._fold_loop, name="repoindex-metrics-fold",
