@@ -126,27 +126,22 @@ def _fewest(points: list[tuple[float, int, dict[str, int]]]) -> dict[str, int]:
     return min((r for _, _, r in points), key=lambda r: r["files"])
 
 
-def _first_reports(database_url: str) -> dict[int, float]:
-    """Per child pid, when its first operation that reported progress ended (the ledger's
-    wall clock): the first progress report opens the child's broker connection for events
-    (a socket, and kombu's epolls), which it then keeps for its life."""
-    import psycopg
-
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT pid, extract(epoch FROM min(finished_at)) FROM runs"
-            " WHERE task = 'repoindex.index_repository' AND state = 'succeeded'"
-            " AND counts->>'strategy' IN ('full', 'delta') GROUP BY pid").fetchall()
-    return {int(pid): float(at) for pid, at in rows if pid is not None}
-
-
-def _connections(database_url: str) -> int:
+def _database_reading(database_url: str) -> tuple[int, dict[int, float]]:
+    """In one connection: the workers' PostgreSQL sessions, and per child pid when its first
+    operation that reported progress ended (the ledger's wall clock). The first progress
+    report opens the child's broker connection for events (a socket, and kombu's epolls),
+    which it then keeps for its life."""
     import psycopg
 
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                            " 'repoindex' AND datname = current_database()").fetchone()
-    return int(row[0]) if row else 0
+        rows = conn.execute(
+            "SELECT pid, extract(epoch FROM min(finished_at)) FROM runs"
+            " WHERE task = 'repoindex.index_repository' AND state = 'succeeded'"
+            " AND counts->>'strategy' IN ('full', 'delta') GROUP BY pid").fetchall()
+    return (int(row[0]) if row else 0,
+            {int(pid): float(at) for pid, at in rows if pid is not None})
 
 
 def _job(app: Any, queue: str, kind: str, repos: list[Path], i: int) -> Any:
@@ -171,10 +166,8 @@ def _job(app: Any, queue: str, kind: str, repos: list[Path], i: int) -> Any:
 class Run:
     """What a soak has measured so far; ``doc()`` is its JSON, written after every batch."""
 
-    def __init__(self, compress: float, env: dict[str, str], redis_timeout: int,
-                 database_url: str) -> None:
+    def __init__(self, compress: float, env: dict[str, str], redis_timeout: int) -> None:
         self.compress, self.env, self.redis_timeout = compress, env, redis_timeout
-        self.database_url = database_url
         self.reported: dict[int, float] = {}  # pid: when its first progress report ended
         self.started = time.monotonic()
         self.series: dict[int, list[tuple[float, int, dict[str, int]]]] = {}  # pid: t, ops, …
@@ -273,7 +266,7 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
         server = redis.Redis.from_url(ep.redis_url)
         idle = max(1, round(REDIS_IDLE_TIMEOUT / compress))
         server.config_set("timeout", idle)
-        run = Run(compress, env, idle, ep.database_url)
+        run = Run(compress, env, idle)
         repos = [make_repo(tmp / f"repo{i}", 200) for i in range(4)]
         for repo in repos:
             (repo / "changing.txt").write_text("start\n")
@@ -309,10 +302,10 @@ def soak(ops: int, duration: float | None, batch: int, png: Path,
                     reading = _child_reading(pid)
                     if reading is not None:
                         run.series.setdefault(pid, []).append((t, run.done, reading))
-                run.sessions.append((t, _connections(ep.database_url)))
-                # read here, while the workspace's database exists (the last doc() is
-                # built after it is dropped)
-                run.reported = _first_reports(ep.database_url)
+                # the ledger is read here, while the workspace's database exists (the
+                # last doc() is built after it is dropped)
+                sessions, run.reported = _database_reading(ep.database_url)
+                run.sessions.append((t, sessions))
                 for sent, job_id in watched:
                     if job_id not in expired and t - sent > expiry \
                             and not server.exists(f"celery-task-meta-{job_id}"):

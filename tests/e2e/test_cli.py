@@ -235,6 +235,8 @@ def test_worker_command_execs_celery(session_env: dict[str, str], tmp_path: Path
     text = log.read_text()
     assert "cliworker@" in text and " ready." in text
     assert "swept" not in text and " WARNING " not in text.split(" ready.", 1)[0], text
+
+
 def test_search_benchmark_grows_with_other_code(session_env: dict[str, str],
                                                monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
